@@ -1,0 +1,1 @@
+"""pssm inference: Kalman kernels, guide families, objectives and training."""

@@ -1,0 +1,50 @@
+"""Pure-JAX Kalman inference for latent linear-Gaussian state space models.
+
+Model (time-axis convention in :mod:`inference.kalman._types`)::
+
+    z_0 ~ N(m_0, P_0),   z_{t+1} = A_t z_t + b_t + N(0, Q_t),   w_t^(k) = H^(k) z_t + N(0, R_t^(k))
+
+Diagonal structure (vectors for ``P_0, A_t, Q_t, R_t``; the deep models' case, elementwise and
+matrix-inverse free) or dense structure (matrices; LGSSM, L-VSSF), chosen by ``P_0``'s shape.
+Every operation is one associative kernel run by ``lax.scan`` (``parallel=False``) or
+``lax.associative_scan`` (``parallel=True``); batch with ``jax.vmap``.
+
+Example::
+
+    from inference import kalman
+    post = kalman.smoother(kalman.Gaussian(m0, P0), kalman.Dynamics(A, b, Q),
+                           kalman.Emissions(w, R, mask))
+    post.smoothed.mean, post.log_likelihood
+"""
+
+from ._types import (
+    Dynamics,
+    Emissions,
+    FilterResult,
+    Gaussian,
+    LinearGaussian,
+    SmootherResult,
+)
+from ._validate import stack_sensors
+from .filtering import filter
+from .sampling import chain_log_prob, ffbs, posterior_sample, sample_chain
+from .smoothing import backward_conditionals, expected_kl, smoothed_dynamics, smoother
+
+__all__ = [
+    "Dynamics",
+    "Emissions",
+    "FilterResult",
+    "Gaussian",
+    "LinearGaussian",
+    "SmootherResult",
+    "backward_conditionals",
+    "chain_log_prob",
+    "expected_kl",
+    "ffbs",
+    "filter",
+    "posterior_sample",
+    "sample_chain",
+    "smoothed_dynamics",
+    "smoother",
+    "stack_sensors",
+]

@@ -1,0 +1,187 @@
+"""Shape checks, value checks and normalisation of the user's model into the kernels' form.
+
+Shapes are checked always (at trace time under ``jit``); values (finite parameters, positive
+variances, finite unmasked observations) are checked whenever the arrays are concrete, i.e.
+outside ``jit``. Every error is a ``ValueError`` naming the offending argument.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from ._algebra import Algebra, algebra_for
+from ._types import Dynamics, Emissions, Gaussian
+
+
+class Canonical(NamedTuple):
+    """The model with every parameter time-varying and every mask explicit (internal form).
+
+    Diagonal: ``w, R, mask`` are ``(T, K, d)``, ``H`` is None. Dense: ``w, mask`` are ``(T, p)``,
+    ``H`` is ``(T, p, d)`` and ``R`` is ``(T, p, p)``; rows of ``H``, ``R`` and ``w`` that are
+    masked are zeroed (and ``R`` gets a unit diagonal there) so they carry no information.
+    """
+
+    prior: Gaussian
+    dynamics: Dynamics  # leading axis T - 1
+    w: Array
+    R: Array
+    mask: Array
+    H: Array | None
+
+
+def _concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _shape_error(name: str, got, expected: str) -> ValueError:
+    return ValueError(f"{name} has shape {tuple(got)}, expected {expected}")
+
+
+def _time_varying(name: str, x: Array, static_shape: tuple, n: int) -> Array:
+    """Broadcast a static array to ``(n, *static_shape)``; accept an already time-varying one."""
+    if x.shape == static_shape:
+        return jnp.broadcast_to(x, (n, *static_shape))
+    if x.shape == (n, *static_shape):
+        return x
+    raise _shape_error(name, x.shape, f"{static_shape} (static) or {(n, *static_shape)}")
+
+
+def _check_finite(name: str, x: Array) -> None:
+    if _concrete(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def _check_variance(name: str, x: Array, diagonal: bool) -> None:
+    """Variances must be positive (diagonal) or symmetric positive definite (dense)."""
+    _check_finite(name, x)
+    if not _concrete(x) or np.size(x) == 0:
+        return
+    v = np.asarray(x, dtype=np.float64)
+    if diagonal:
+        if np.any(v <= 0):
+            raise ValueError(f"{name} must be positive")
+        return
+    if not np.allclose(v, np.swapaxes(v, -1, -2), rtol=1e-5, atol=1e-8 * max(1.0, np.abs(v).max())):
+        raise ValueError(f"{name} must be symmetric")
+    if np.any(np.linalg.eigvalsh(0.5 * (v + np.swapaxes(v, -1, -2))) <= 0):
+        raise ValueError(f"{name} must be positive definite")
+
+
+def _mask(mask: Array | None, w: Array, dtype) -> Array:
+    if mask is None:
+        return jnp.ones(w.shape, dtype)
+    mask = jnp.asarray(mask)
+    if mask.shape != w.shape[: mask.ndim] or mask.ndim == 0:
+        raise _shape_error("mask", mask.shape, f"a prefix of w's shape {w.shape}")
+    mask = mask.astype(dtype).reshape(mask.shape + (1,) * (w.ndim - mask.ndim))
+    return jnp.broadcast_to(mask, w.shape)
+
+
+def canonicalize(prior: Gaussian, dynamics: Dynamics, emissions: Emissions) -> tuple[
+    Algebra, Canonical
+]:
+    """Check the model's shapes and values and bring it into :class:`Canonical` form."""
+    m0, P0 = (jnp.asarray(x) for x in prior)
+    A, b, Q = (None if x is None else jnp.asarray(x) for x in dynamics)
+    w, R = jnp.asarray(emissions.w), jnp.asarray(emissions.R)
+    H = None if emissions.H is None else jnp.asarray(emissions.H)
+    arrays = [x for x in (m0, P0, A, b, Q, w, R, H) if x is not None]
+    dtype = jnp.result_type(float, *arrays)
+    m0, P0, A, Q, w, R = (x.astype(dtype) for x in (m0, P0, A, Q, w, R))
+    if m0.ndim != 1:
+        raise _shape_error("prior mean m0", m0.shape, "(d,)")
+    d = m0.shape[0]
+    if P0.shape not in ((d,), (d, d)):
+        raise _shape_error("prior covariance P0", P0.shape, f"({d},) (diagonal) or ({d}, {d})")
+    alg = algebra_for(P0)
+    cov = (d,) if alg.diagonal else (d, d)
+    if w.ndim < 2:
+        raise _shape_error("w", w.shape, "(T, d), (T, K, d) or (T, p)")
+    T = w.shape[0]
+    if T < 1:
+        raise ValueError("w must have at least one time step")
+    A = _time_varying("A", A, cov, T - 1)
+    Q = _time_varying("Q", Q, cov, T - 1)
+    b = jnp.zeros((T - 1, d), dtype) if b is None else _time_varying("b", b.astype(dtype), (d,), T - 1)
+    mask = _mask(emissions.mask, w, dtype)
+
+    if alg.diagonal:
+        if H is not None:
+            raise ValueError("H must be None for diagonal structure (identity); mark unobserved "
+                             "coordinates of a sensor in the mask instead")
+        if w.ndim == 2:
+            w, mask = w[:, None], mask[:, None]
+            R = R[None] if R.ndim == 1 else R[:, None]
+        if w.ndim != 3 or w.shape[2] != d:
+            raise _shape_error("w", emissions.w.shape, f"(T, {d}) or (T, K, {d})")
+        R = _time_varying("R", R, w.shape[1:], T)
+        obs = mask > 0
+        R = jnp.where(obs, R, 1.0)
+        if _concrete(R, w, mask):
+            _check_variance("R", R, True)
+            _check_finite("w (where observed)", jnp.where(obs, w, 0.0))
+        w = jnp.where(obs, w, 0.0)
+        Hc = None
+    else:
+        if w.ndim != 2:
+            raise _shape_error("w", w.shape, "(T, p) for dense structure")
+        p = w.shape[1]
+        if H is None:
+            if p != d:
+                raise ValueError(f"H is None (identity) but w has {p} columns and the state {d}")
+            H = jnp.eye(d, dtype=dtype)
+        Hc = _time_varying("H", H.astype(dtype), (p, d), T)
+        R = _time_varying("R", R, (p, p), T)
+        if _concrete(R, w, mask):
+            _check_finite("H", Hc)
+            _check_variance("R", R, False)
+            _check_finite("w (where observed)", jnp.where(mask > 0, w, 0.0))
+        obs = mask > 0
+        pair = obs[:, :, None] & obs[:, None, :]
+        R = jnp.where(pair, R, 0.0) + jnp.where(obs, 0.0, 1.0)[..., None] * jnp.eye(p, dtype=dtype)
+        Hc = jnp.where(obs[..., None], Hc, 0.0)
+        w = jnp.where(obs, w, 0.0)
+
+    _check_finite("prior mean m0", m0)
+    _check_variance("prior covariance P0", P0, alg.diagonal)
+    _check_finite("A", A)
+    _check_finite("b", b)
+    _check_variance("Q", Q, alg.diagonal)
+    canon = Canonical(Gaussian(m0, P0), Dynamics(A, b, Q), w, R, mask, Hc)
+    return alg, canon
+
+
+def stack_sensors(sensors: list[Emissions]) -> Emissions:
+    """Stack dense sensors ``(w_k (T, p_k), R_k, mask_k (T,) or None, H_k)`` into one
+    :class:`Emissions` with block-diagonal ``R`` and a per-row mask, for the dense structure.
+
+    Every ``H_k`` must be given (``(p_k, d)`` or ``(T, p_k, d)``); static and time-varying
+    parameters may be mixed.
+    """
+    if not sensors:
+        raise ValueError("stack_sensors needs at least one sensor")
+    T = jnp.shape(sensors[0].w)[0]
+    ws, Hs, Rs, masks = [], [], [], []
+    for k, s in enumerate(sensors):
+        w = jnp.asarray(s.w)
+        if w.ndim != 2 or w.shape[0] != T:
+            raise _shape_error(f"sensors[{k}].w", w.shape, f"({T}, p_{k})")
+        if s.H is None:
+            raise ValueError(f"sensors[{k}].H must be given to stack sensors")
+        p = w.shape[1]
+        H, R = jnp.asarray(s.H), jnp.asarray(s.R)
+        d = H.shape[-1]
+        Hs.append(_time_varying(f"sensors[{k}].H", H, (p, d), T))
+        Rs.append(_time_varying(f"sensors[{k}].R", R, (p, p), T))
+        m = jnp.ones((T,)) if s.mask is None else jnp.asarray(s.mask)
+        if m.shape != (T,):
+            raise _shape_error(f"sensors[{k}].mask", m.shape, f"({T},)")
+        masks.append(jnp.broadcast_to(m[:, None], (T, p)))
+        ws.append(w)
+    R = jax.vmap(jax.scipy.linalg.block_diag)(*Rs)
+    return Emissions(
+        jnp.concatenate(ws, 1), R, jnp.concatenate(masks, 1), jnp.concatenate(Hs, 1)
+    )

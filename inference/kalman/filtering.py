@@ -1,0 +1,159 @@
+"""Kalman filter as an associative scan over conditional elements.
+
+Each step ``t`` becomes an element ``(A, b, C, eta, J)`` (Särkkä & García-Fernández 2021, Lemma 7)
+describing
+
+    p(z_t | z_{t-1}, o_t) = N(A z_{t-1} + b, C)      and      p(o_t | z_{t-1}) ∝ N_info(eta, J),
+
+where the observations of step ``t`` enter only through their latent-space information
+
+    J_t^obs = sum_k H_k^T R_k^{-1} H_k,          h_t^obs = sum_k H_k^T R_k^{-1} w_k
+
+(missing sensors contribute nothing), so fusing several sensors is a sum and cannot depend on
+their order (VRKN paper, "Sensor Fusion"; L-VSSF's information-form fusion). With the predicted
+prior ``N(F z + u, Q)`` of the step, writing ``D = I + Q J^obs``:
+
+    A = D^{-1} F,   b = D^{-1}(u + Q h^obs),   C = D^{-1} Q,
+    eta = F^T (I + J^obs Q)^{-1} (h^obs - J^obs u),   J = F^T (I + J^obs Q)^{-1} J^obs F.
+
+The first step uses ``F = 0, u = m_0, Q = P_0`` (the prior). Prefix-combining the elements gives
+the filtered beliefs; the per-step log-likelihoods ``log p(o_t | o_{0:t-1})`` are then evaluated
+from the predicted beliefs in one vectorised pass, and summed afterwards (a float32 running sum
+drifts by more than a nat over thousands of steps).
+"""
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from . import _scan
+from ._algebra import Algebra
+from ._types import Dynamics, Emissions, FilterResult, Gaussian
+from ._validate import Canonical, canonicalize
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def observation_information(alg: Algebra, c: Canonical) -> tuple[Array, Array]:
+    """Per-step ``(h_t^obs, J_t^obs)``: the observations' information about ``z_t``."""
+    if alg.diagonal:
+        prec = c.mask / c.R  # (T, K, d)
+        return jnp.sum(prec * c.w, axis=1), jnp.sum(prec, axis=1)
+    chol = jnp.linalg.cholesky(c.R)  # masked rows carry a unit diagonal and zero H, w
+    Lw = jax.scipy.linalg.solve_triangular(chol, c.w[..., None], lower=True)
+    LH = jax.scipy.linalg.solve_triangular(chol, c.H, lower=True)
+    HT = jnp.swapaxes(LH, -1, -2)
+    return (HT @ Lw)[..., 0], HT @ LH
+
+
+def filter_element(alg: Algebra, F, u, Q, h, J):
+    """The element ``(A, b, C, eta, J)`` of one step (see the module docstring)."""
+    A = alg.solve_ipm(Q, J, F)
+    b = alg.solve_ipm(Q, J, u + alg.mv(Q, h))
+    C = alg.sym(alg.solve_ipm(Q, J, Q))
+    eta = alg.mv(alg.T(F), alg.solve_ipm(J, Q, h - alg.mv(J, u)))
+    J_el = alg.sym(alg.mm(alg.T(F), alg.solve_ipm(J, Q, alg.mm(J, F))))
+    return A, b, C, eta, J_el
+
+
+def filter_combine(alg: Algebra, earlier, later):
+    """Associative combination of two filtering elements (Särkkä & García-Fernández, Lemma 8)."""
+    Ai, bi, Ci, etai, Ji = earlier
+    Aj, bj, Cj, etaj, Jj = later
+    G = alg.T(alg.solve_ipm(Jj, Ci, alg.T(Aj)))  # A_j (I + C_i J_j)^{-1}
+    K = alg.T(alg.solve_ipm(Ci, Jj, Ai))  # A_i^T (I + J_j C_i)^{-1}
+    A = alg.mm(G, Ai)
+    b = alg.mv(G, bi + alg.mv(Ci, etaj)) + bj
+    C = alg.sym(alg.mm(alg.mm(G, Ci), alg.T(Aj)) + Cj)
+    eta = alg.mv(K, etaj - alg.mv(Jj, bi)) + etai
+    J = alg.sym(alg.mm(alg.mm(K, Jj), Ai) + Ji)
+    return A, b, C, eta, J
+
+
+def predict(alg: Algebra, belief: Gaussian, dynamics: Dynamics) -> Gaussian:
+    """``N(A m + b, A P A^T + Q)``: push a belief through the dynamics (batched over time)."""
+    A, b, Q = dynamics
+    mean = alg.mv(A, belief.mean) + b
+    cov = alg.sym(alg.mm(alg.mm(A, belief.cov), alg.T(A)) + Q)
+    return Gaussian(mean, cov)
+
+
+def _log_likelihood_diag(m, P, w, R, mask):
+    """``log N(w_t; m, P + R)`` for K sensors of one step, elementwise per coordinate.
+
+    With the fused pseudo-observation ``ybar = h/J`` of variance ``1/J`` the quadratic form splits
+    into the sensors' disagreement ``sum_k (w_k - ybar)^2 / R_k`` and ``(ybar - m)^2 / (P + 1/J)``
+    (matrix determinant lemma for the log-determinant): no cancellation, no division by zero
+    when a coordinate is unobserved.
+    """
+    prec = mask / R
+    J = jnp.sum(prec, axis=0)
+    seen = J > 0
+    ybar = jnp.where(seen, jnp.sum(prec * w, axis=0) / jnp.where(seen, J, 1.0), 0.0)
+    quad = jnp.sum(prec * (w - ybar) ** 2, axis=0) + (ybar - m) ** 2 * J / (1.0 + P * J)
+    logdet = jnp.sum(mask * (jnp.log(R) + _LOG_2PI), axis=0) + jnp.log1p(P * J)
+    return -0.5 * jnp.sum(quad + logdet)
+
+
+def _log_likelihood_dense(m, P, w, H, R, mask):
+    """``log N(w_t; H m, H P H^T + R)`` over the observed rows (masked rows are decoupled)."""
+    S = H @ P @ H.T + R
+    chol = jnp.linalg.cholesky(S)
+    u = jax.scipy.linalg.solve_triangular(chol, w - H @ m, lower=True)
+    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
+    return -0.5 * (jnp.sum(u * u) + logdet + jnp.sum(mask) * _LOG_2PI)
+
+
+def log_likelihoods(alg: Algebra, c: Canonical, predicted: Gaussian) -> Array:
+    """Per-step ``log p(o_t | o_{0:t-1})`` from the predicted beliefs, shape ``(T,)``."""
+    if alg.diagonal:
+        return jax.vmap(_log_likelihood_diag)(*predicted, c.w, c.R, c.mask)
+    return jax.vmap(_log_likelihood_dense)(*predicted, c.w, c.H, c.R, c.mask)
+
+
+def run_filter(alg: Algebra, c: Canonical, *, parallel: bool, unroll: int) -> FilterResult:
+    """Filter a canonical model (shared by :func:`filter` and the smoother)."""
+    h, J = observation_information(alg, c)
+    (m0, P0), (A, b, Q) = c.prior, c.dynamics
+    F = jnp.concatenate([jnp.zeros_like(P0)[None], A])
+    u = jnp.concatenate([m0[None], b])
+    Qs = jnp.concatenate([P0[None], Q])
+    elems = jax.vmap(partial(filter_element, alg))(F, u, Qs, h, J)
+    _, mean, cov, _, _ = _scan.scan(
+        partial(filter_combine, alg), elems, parallel=parallel, unroll=unroll
+    )
+    filtered = Gaussian(mean, cov)
+    pred = predict(alg, Gaussian(mean[:-1], cov[:-1]), c.dynamics)
+    predicted = Gaussian(
+        jnp.concatenate([m0[None], pred.mean]), jnp.concatenate([P0[None], pred.cov])
+    )
+    lls = log_likelihoods(alg, c, predicted)
+    return FilterResult(predicted, filtered, lls, jnp.sum(lls))
+
+
+def filter(
+    prior: Gaussian,
+    dynamics: Dynamics,
+    emissions: Emissions,
+    *,
+    parallel: bool = False,
+    unroll: int = 1,
+) -> FilterResult:
+    """Kalman filter: predicted and filtered beliefs and the marginal log-likelihood.
+
+    Args:
+        prior: ``N(m_0, P_0)`` of ``z_0``; a vector ``P_0`` selects diagonal structure.
+        dynamics: ``(A, b, Q)``, static or with a leading time axis of length ``T - 1``
+            (``b`` may be ``None``).
+        emissions: latent observations, noise, masks (see :class:`Emissions`).
+        parallel: use ``lax.associative_scan`` (``O(log T)`` depth) instead of ``lax.scan``.
+        unroll: loop unrolling of the sequential driver.
+
+    Returns:
+        A :class:`FilterResult`. Batch over sequences with ``jax.vmap``.
+    """
+    alg, c = canonicalize(prior, dynamics, emissions)
+    return run_filter(alg, c, parallel=parallel, unroll=unroll)
