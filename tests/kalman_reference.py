@@ -20,38 +20,54 @@ class DenseModel(NamedTuple):
     obs: list  # per step: (y, H, R) of the observed rows
 
 
-def latent_joint(model: DenseModel):
-    """Mean ``(T*d,)`` and covariance ``(T*d, T*d)`` of the stacked latent path."""
+def prior_information(model: DenseModel, T: int):
+    """Precision ``(T*d, T*d)`` and information vector of the latent path prior, built from the
+    Markov factorisation (block-tridiagonal), without forming the prior covariance, which can be
+    huge for explosive dynamics and would cost the reference its accuracy."""
     d = model.m0.shape[0]
-    T = len(model.obs)
-    # z = M @ [z0, q_0, ..., q_{T-2}] + c with independent blocks.
-    M = np.zeros((T * d, T * d))
-    c = np.zeros(T * d)
-    M[:d, :d] = np.eye(d)
-    c[:d] = model.m0
-    for t in range(1, T):
-        A = model.A[t - 1]
-        M[t * d:(t + 1) * d] = A @ M[(t - 1) * d:t * d]
-        M[t * d:(t + 1) * d, t * d:(t + 1) * d] += np.eye(d)
-        c[t * d:(t + 1) * d] = A @ c[(t - 1) * d:t * d] + model.b[t - 1]
-    noise = np.zeros((T * d, T * d))
-    noise[:d, :d] = model.P0
-    for t in range(1, T):
-        noise[t * d:(t + 1) * d, t * d:(t + 1) * d] = model.Q[t - 1]
-    return c, M @ noise @ M.T
+    Lam = np.zeros((T * d, T * d))
+    eta = np.zeros(T * d)
+    P0i = np.linalg.inv(model.P0)
+    Lam[:d, :d] += P0i
+    eta[:d] += P0i @ model.m0
+    for t in range(T - 1):
+        A, b, Qi = model.A[t], model.b[t], np.linalg.inv(model.Q[t])
+        i, j = slice(t * d, (t + 1) * d), slice((t + 1) * d, (t + 2) * d)
+        Lam[i, i] += A.T @ Qi @ A
+        Lam[j, j] += Qi
+        Lam[i, j] -= A.T @ Qi
+        Lam[j, i] -= Qi @ A
+        eta[i] -= A.T @ Qi @ b
+        eta[j] += Qi @ b
+    return Lam, eta
 
 
-def _observations(model: DenseModel, steps):
-    """Stacked ``y``, the map ``G`` from the latent path to ``E[y]`` and the noise ``R``."""
+def _gauss_logpdf(x, mean, cov):
+    r = x - mean
+    sign, logdet = np.linalg.slogdet(cov)
+    assert sign > 0
+    return -0.5 * (r @ np.linalg.solve(cov, r) + logdet + len(r) * np.log(2 * np.pi))
+
+
+def prior_logpdf(model: DenseModel, z):
     d = model.m0.shape[0]
-    T = len(model.obs)
+    zs = z.reshape(-1, d)
+    lp = _gauss_logpdf(zs[0], model.m0, model.P0)
+    for t in range(len(zs) - 1):
+        lp += _gauss_logpdf(zs[t + 1], model.A[t] @ zs[t] + model.b[t], model.Q[t])
+    return lp
+
+
+def _observations(model: DenseModel, steps, T):
+    """Stacked ``y``, the map ``G`` from the latent path ``z_{0:T-1}`` to ``E[y]``, noise ``R``."""
+    d = model.m0.shape[0]
     ys, Gs, Rs = [], [], []
     for t in steps:
         y, H, R = model.obs[t]
         if len(y) == 0:
             continue
         G = np.zeros((len(y), T * d))
-        G[:, t * d:(t + 1) * d] = H
+        G[:, t * d : (t + 1) * d] = H
         ys.append(y)
         Gs.append(G)
         Rs.append(R)
@@ -61,35 +77,41 @@ def _observations(model: DenseModel, steps):
     R = np.zeros((n, n))
     i = 0
     for Rk in Rs:
-        R[i:i + len(Rk), i:i + len(Rk)] = Rk
+        R[i : i + len(Rk), i : i + len(Rk)] = Rk
         i += len(Rk)
     return np.concatenate(ys), np.concatenate(Gs), R
 
 
-def condition(model: DenseModel, steps):
-    """Posterior mean/cov of the whole latent path given the observations of ``steps``, and
-    ``log p(those observations)``."""
-    mu, S = latent_joint(model)
-    y, G, R = _observations(model, steps)
+def condition(model: DenseModel, steps, T=None):
+    """Posterior mean/cov of the latent path ``z_{0:T-1}`` (default: all steps) given the
+    observations of ``steps`` (all before ``T``), and ``log p(those observations)``; the path
+    stops at ``T`` because later states do not change these marginals and, under explosive
+    dynamics, would only cost digits. Information form:
+    ``Lambda_post = Lambda_prior + G^T R^{-1} G``, and ``log p(y) = log p(y|z) + log p(z) -
+    log p(z|y)`` evaluated at the posterior mean."""
+    T = len(model.obs) if T is None else T
+    Lam, eta = prior_information(model, T)
+    y, G, R = _observations(model, steps, T)
+    if len(y) > 0:
+        Ri = np.linalg.inv(R)
+        Lam = Lam + G.T @ Ri @ G
+        eta = eta + G.T @ Ri @ y
+    cov = np.linalg.inv(Lam)
+    cov = 0.5 * (cov + cov.T)
+    mean = np.linalg.solve(Lam, eta)
     if len(y) == 0:
-        return mu, S, 0.0
-    Syy = G @ S @ G.T + R
-    K = np.linalg.solve(Syy, G @ S).T
-    r = y - G @ mu
-    mean = mu + K @ r
-    cov = S - K @ Syy @ K.T
-    sign, logdet = np.linalg.slogdet(Syy)
-    assert sign > 0
-    ll = -0.5 * (r @ np.linalg.solve(Syy, r) + logdet + len(y) * np.log(2 * np.pi))
-    return mean, 0.5 * (cov + cov.T), ll
+        return mean, cov, 0.0
+    ll = _gauss_logpdf(y, G @ mean, R) + prior_logpdf(model, mean) - _gauss_logpdf(mean, mean, cov)
+    # (log p(y|z) + log p(z) - log p(z|y) is the same for every z: evaluated at the mean)
+    return mean, cov, ll
 
 
 def block(x, t, d):
-    return x[t * d:(t + 1) * d]
+    return x[t * d : (t + 1) * d]
 
 
 def cblock(S, s, t, d):
-    return S[s * d:(s + 1) * d, t * d:(t + 1) * d]
+    return S[s * d : (s + 1) * d, t * d : (t + 1) * d]
 
 
 def conditional(mean, cov, d, target, given):
@@ -123,10 +145,10 @@ def reference(model: DenseModel) -> Reference:
     pm, pc, fm, fc, lls, bwd = [], [], [], [], [], []
     prev_ll = 0.0
     for t in range(T):
-        mean, cov, _ = condition(model, range(t))
+        mean, cov, _ = condition(model, range(t), t + 1)
         pm.append(block(mean, t, d))
         pc.append(cblock(cov, t, t, d))
-        mean, cov, ll = condition(model, range(t + 1))
+        mean, cov, ll = condition(model, range(t + 1), min(t + 2, T))
         fm.append(block(mean, t, d))
         fc.append(cblock(cov, t, t, d))
         lls.append(ll - prev_ll)
@@ -145,6 +167,16 @@ def reference(model: DenseModel) -> Reference:
         return tuple(np.stack(x) for x in zip(*cs, strict=True))
 
     return Reference(
-        np.stack(pm), np.stack(pc), np.stack(fm), np.stack(fc), np.array(lls), sm, sc, cross,
-        stack(bwd), stack(fwd), mean, cov,
+        np.stack(pm),
+        np.stack(pc),
+        np.stack(fm),
+        np.stack(fc),
+        np.array(lls),
+        sm,
+        sc,
+        cross,
+        stack(bwd),
+        stack(fwd),
+        mean,
+        cov,
     )

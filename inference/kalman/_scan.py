@@ -36,7 +36,9 @@ def scan(
         return new, new
 
     _, out = lax.scan(step, first, rest, reverse=reverse, unroll=unroll)
-    join = (lambda o, f: jnp.concatenate([o, f[None]])) if reverse else (
-        lambda o, f: jnp.concatenate([f[None], o])
+    join = (
+        (lambda o, f: jnp.concatenate([o, f[None]]))
+        if reverse
+        else (lambda o, f: jnp.concatenate([f[None], o]))
     )
     return jax.tree.map(join, out, first)

@@ -80,9 +80,9 @@ def _mask(mask: Array | None, w: Array, dtype) -> Array:
     return jnp.broadcast_to(mask, w.shape)
 
 
-def canonicalize(prior: Gaussian, dynamics: Dynamics, emissions: Emissions) -> tuple[
-    Algebra, Canonical
-]:
+def canonicalize(
+    prior: Gaussian, dynamics: Dynamics, emissions: Emissions
+) -> tuple[Algebra, Canonical]:
     """Check the model's shapes and values and bring it into :class:`Canonical` form."""
     m0, P0 = (jnp.asarray(x) for x in prior)
     A, b, Q = (None if x is None else jnp.asarray(x) for x in dynamics)
@@ -105,13 +105,19 @@ def canonicalize(prior: Gaussian, dynamics: Dynamics, emissions: Emissions) -> t
         raise ValueError("w must have at least one time step")
     A = _time_varying("A", A, cov, T - 1)
     Q = _time_varying("Q", Q, cov, T - 1)
-    b = jnp.zeros((T - 1, d), dtype) if b is None else _time_varying("b", b.astype(dtype), (d,), T - 1)
+    b = (
+        jnp.zeros((T - 1, d), dtype)
+        if b is None
+        else _time_varying("b", b.astype(dtype), (d,), T - 1)
+    )
     mask = _mask(emissions.mask, w, dtype)
 
     if alg.diagonal:
         if H is not None:
-            raise ValueError("H must be None for diagonal structure (identity); mark unobserved "
-                             "coordinates of a sensor in the mask instead")
+            raise ValueError(
+                "H must be None for diagonal structure (identity); mark unobserved "
+                "coordinates of a sensor in the mask instead"
+            )
         if w.ndim == 2:
             w, mask = w[:, None], mask[:, None]
             R = R[None] if R.ndim == 1 else R[:, None]
@@ -182,6 +188,4 @@ def stack_sensors(sensors: list[Emissions]) -> Emissions:
         masks.append(jnp.broadcast_to(m[:, None], (T, p)))
         ws.append(w)
     R = jax.vmap(jax.scipy.linalg.block_diag)(*Rs)
-    return Emissions(
-        jnp.concatenate(ws, 1), R, jnp.concatenate(masks, 1), jnp.concatenate(Hs, 1)
-    )
+    return Emissions(jnp.concatenate(ws, 1), R, jnp.concatenate(masks, 1), jnp.concatenate(Hs, 1))

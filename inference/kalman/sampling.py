@@ -42,11 +42,15 @@ def _sample_one(key, initial: Gaussian, conditionals: LinearGaussian, reverse, p
     offsets = conditionals.b + alg.mv(s, e_rest)
     first = LinearGaussian(jnp.zeros_like(initial.cov), z0, jnp.zeros_like(initial.cov))
     maps = LinearGaussian(conditionals.A, offsets, jnp.zeros_like(conditionals.Q))
-    cat = (lambda r, f: jnp.concatenate([r, f[None]])) if reverse else (
-        lambda r, f: jnp.concatenate([f[None], r])
+    cat = (
+        (lambda r, f: jnp.concatenate([r, f[None]]))
+        if reverse
+        else (lambda r, f: jnp.concatenate([f[None], r]))
     )
     elems = jax.tree.map(cat, maps, first)
-    z = _scan.scan(partial(compose, alg), elems, parallel=parallel, reverse=reverse, unroll=unroll).b
+    z = _scan.scan(
+        partial(compose, alg), elems, parallel=parallel, reverse=reverse, unroll=unroll
+    ).b
     log_prob = (
         -0.5 * jnp.sum(eps * eps)
         - 0.5 * T * d * _LOG_2PI
@@ -81,8 +85,14 @@ def sample_chain(
     Returns:
         ``(z, log_prob)``: paths ``(..., T, d)`` and their log-densities ``(...)``.
     """
-    one = partial(_sample_one, initial=initial, conditionals=conditionals, reverse=reverse,
-                  parallel=parallel, unroll=unroll)
+    one = partial(
+        _sample_one,
+        initial=initial,
+        conditionals=conditionals,
+        reverse=reverse,
+        parallel=parallel,
+        unroll=unroll,
+    )
     if num_samples is None:
         return one(key)
     return jax.vmap(one)(jax.random.split(key, num_samples))
@@ -123,8 +133,9 @@ def posterior_sample(
 
 def _backward_sample(key, filtered: Gaussian, backward: LinearGaussian, num_samples, parallel):
     last = Gaussian(filtered.mean[-1], filtered.cov[-1])
-    return sample_chain(key, last, backward, reverse=True, num_samples=num_samples,
-                        parallel=parallel)
+    return sample_chain(
+        key, last, backward, reverse=True, num_samples=num_samples, parallel=parallel
+    )
 
 
 def ffbs(

@@ -17,8 +17,9 @@ Smoothed dynamics (VRKN Appendix A, the forward conditionals of the smoothing po
     q(z_{t+1} | z_t, o_{0:T-1}) = N(M_t z_t + c_t, S_t),
     M_t = C_t^T Ps_t^{-1},  c_t = ms_{t+1} - M_t ms_t,  S_t = Ps_{t+1} - C_t^T Ps_t^{-1} C_t,
 
-with the smoothed cross-covariance ``C_t = E_t Ps_{t+1}``; for diagonal structure
-``S_t = Ps_{t+1} L_t / Ps_t`` exactly, a product of positives.
+with the smoothed cross-covariance ``C_t = E_t Ps_{t+1}``. The covariance is computed without
+cancellation as ``S_t = (I + Ps_{t+1} E_t^T L_t^{-1} E_t)^{-1} Ps_{t+1}`` (Woodbury; for diagonal
+structure ``Ps_{t+1} L_t / Ps_t``, a ratio of positives).
 """
 
 from functools import partial
@@ -111,10 +112,9 @@ def smoothed_dynamics(result: SmootherResult) -> LinearGaussian:
     C = result.cross_cov
     M = alg.T(alg.solve(Ps[:-1], C))  # C^T Ps_t^{-1}
     c = ms[1:] - alg.mv(M, ms[:-1])
-    if alg.diagonal:
-        S = Ps[1:] * result.backward.Q / Ps[:-1]
-    else:
-        S = alg.sym(Ps[1:] - alg.mm(M, C))
+    E, L = result.backward.A, result.backward.Q
+    W = alg.mm(alg.T(E), alg.solve(L, E))  # E^T L^{-1} E
+    S = alg.sym(alg.solve_ipm(Ps[1:], W, Ps[1:]))  # (I + Ps_{t+1} W)^{-1} Ps_{t+1}
     return LinearGaussian(M, c, S)
 
 
