@@ -26,7 +26,7 @@ from ._types import (
     SmootherResult,
 )
 from ._validate import stack_sensors
-from .filtering import filter
+from .filtering import filter, one_step_conditionals
 from .sampling import chain_log_prob, ffbs, posterior_sample, sample_chain
 from .smoothing import backward_conditionals, expected_kl, smoothed_dynamics, smoother
 
@@ -42,6 +42,7 @@ __all__ = [
     "expected_kl",
     "ffbs",
     "filter",
+    "one_step_conditionals",
     "posterior_sample",
     "sample_chain",
     "smoothed_dynamics",

@@ -31,7 +31,7 @@ from jax import Array
 
 from . import _scan
 from ._algebra import Algebra
-from ._types import Dynamics, Emissions, FilterResult, Gaussian
+from ._types import Dynamics, Emissions, FilterResult, Gaussian, LinearGaussian
 from ._validate import Canonical, canonicalize
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -114,14 +114,19 @@ def log_likelihoods(alg: Algebra, c: Canonical, predicted: Gaussian) -> Array:
     return jax.vmap(_log_likelihood_dense)(*predicted, c.w, c.H, c.R, c.mask)
 
 
-def run_filter(alg: Algebra, c: Canonical, *, parallel: bool, unroll: int) -> FilterResult:
-    """Filter a canonical model (shared by :func:`filter` and the smoother)."""
+def _elements(alg: Algebra, c: Canonical):
     h, J = observation_information(alg, c)
     (m0, P0), (A, b, Q) = c.prior, c.dynamics
     F = jnp.concatenate([jnp.zeros_like(P0)[None], A])
     u = jnp.concatenate([m0[None], b])
     Qs = jnp.concatenate([P0[None], Q])
-    elems = jax.vmap(partial(filter_element, alg))(F, u, Qs, h, J)
+    return jax.vmap(partial(filter_element, alg))(F, u, Qs, h, J)
+
+
+def run_filter(alg: Algebra, c: Canonical, *, parallel: bool, unroll: int) -> FilterResult:
+    """Filter a canonical model (shared by :func:`filter` and the smoother)."""
+    (m0, P0) = c.prior
+    elems = _elements(alg, c)
     _, mean, cov, _, _ = _scan.scan(
         partial(filter_combine, alg), elems, parallel=parallel, unroll=unroll
     )
@@ -157,3 +162,23 @@ def filter(
     """
     alg, c = canonicalize(prior, dynamics, emissions)
     return run_filter(alg, c, parallel=parallel, unroll=unroll)
+
+
+def one_step_conditionals(
+    prior: Gaussian, dynamics: Dynamics, emissions: Emissions
+) -> tuple[Gaussian, LinearGaussian]:
+    """The factors of the filtering (RSSM-style) posterior approximation, in closed form:
+
+        q(z_0 | o_0) ∝ p(z_0) p(o_0 | z_0),
+        q(z_t | z_{t-1}, o_t) ∝ p(z_t | z_{t-1}) p(o_t | z_t) = N(A z_{t-1} + b, C),
+
+    which are exactly the ``(A, b, C)`` parts of the filter's elements. The product of these
+    factors is the posterior an RSSM's inference network approximates (VRKN paper, Eq. 3);
+    the smoothing posterior conditions on future observations too.
+
+    Returns:
+        ``(q(z_0 | o_0), LinearGaussian)`` with leading axis ``T - 1`` for ``t = 1..T-1``.
+    """
+    alg, c = canonicalize(prior, dynamics, emissions)
+    A, b, C, _, _ = _elements(alg, c)
+    return Gaussian(b[0], C[0]), LinearGaussian(A[1:], b[1:], C[1:])
