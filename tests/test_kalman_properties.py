@@ -27,16 +27,17 @@ def _as_dense(case):
     T, K, d = w.shape
     R = np.broadcast_to(R, w.shape)
     mask = np.broadcast_to(mask.reshape(mask.shape + (1,) * (3 - mask.ndim)), w.shape)
+    diag = lambda x: np.asarray(x)[..., :, None] * np.eye(np.shape(x)[-1])
     return (
         kalman.Gaussian(m0, np.diag(P0)),
         kalman.Dynamics(
-            np.vectorize(np.diag, signature="(d)->(d,d)")(A),
+            diag(A),
             b,
-            np.vectorize(np.diag, signature="(d)->(d,d)")(Q),
+            diag(Q),
         ),
         kalman.Emissions(
             w.reshape(T, K * d),
-            np.vectorize(np.diag, signature="(d)->(d,d)")(R.reshape(T, K * d)),
+            diag(R.reshape(T, K * d)),
             mask.reshape(T, K * d),
             np.tile(np.eye(d), (K, 1)),
         ),

@@ -5,9 +5,17 @@ A kernel supplies per-step *elements* and an associative operator ``op(acc, elem
 after it for a reverse scan). The sequential driver folds ``op`` step by step; the parallel
 driver hands the same ``op`` to ``jax.lax.associative_scan`` (Särkkä & García-Fernández 2021,
 "Temporal parallelization of Bayesian smoothers"). Only the driver differs, never the math.
+
+Every prefix (suffix) the kernels accumulate starts from an element with a zero gain (the
+prior's filtering element, the last step's smoothing element, a sample's first draw), and stays
+so under ``op``. The caller names the fields it reads (``read``) and how to rebuild an element
+with a zero gain from them (``rebuild``); the sequential driver then carries and stores only
+those fields, and XLA drops the arithmetic of the others. Results are ``read`` of the combined
+elements under both drivers.
 """
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -22,23 +30,37 @@ def scan(
     parallel: bool,
     reverse: bool = False,
     unroll: int = 1,
+    read: Callable[[Any], Any] = lambda e: e,
+    rebuild: Callable[[Any, Any], Any] | None = None,
 ) -> Any:
-    """All prefix (or, with ``reverse``, suffix) combinations of ``elems`` under ``op``."""
+    """``read`` of all prefix (or, with ``reverse``, suffix) combinations of ``elems``.
+
+    Args:
+        op: associative operator ``op(acc, elem)``.
+        elems: pytree of elements with a leading time axis.
+        parallel: ``lax.associative_scan`` instead of ``lax.scan``.
+        reverse: combine suffixes (from the last element backwards).
+        unroll: unrolling of the sequential loop.
+        read: the fields of a combined element the caller needs.
+        rebuild: ``rebuild(fields, like)``: the element with those fields and a zero gain,
+            shaped like the element ``like`` (needed for ``read`` to shrink the sequential carry).
+    """
     if parallel:
         # associative_scan calls fn(earlier, later) forward and fn(later, earlier) in reverse,
         # which is ``op(acc, elem)`` in both directions.
-        return lax.associative_scan(op, elems, reverse=reverse)
+        return read(lax.associative_scan(op, elems, reverse=reverse))
     first = jax.tree.map(lambda x: x[-1] if reverse else x[0], elems)
     rest = jax.tree.map(lambda x: x[:-1] if reverse else x[1:], elems)
+    expand = (lambda f: f) if rebuild is None else partial(rebuild, like=first)
 
     def step(acc, elem):
-        new = op(acc, elem)
+        new = read(op(expand(acc), elem))
         return new, new
 
-    _, out = lax.scan(step, first, rest, reverse=reverse, unroll=unroll)
+    _, out = lax.scan(step, read(first), rest, reverse=reverse, unroll=unroll)
     join = (
         (lambda o, f: jnp.concatenate([o, f[None]]))
         if reverse
         else (lambda o, f: jnp.concatenate([f[None], o]))
     )
-    return jax.tree.map(join, out, first)
+    return jax.tree.map(join, out, read(first))

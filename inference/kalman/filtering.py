@@ -127,8 +127,13 @@ def run_filter(alg: Algebra, c: Canonical, *, parallel: bool, unroll: int) -> Fi
     """Filter a canonical model (shared by :func:`filter` and the smoother)."""
     (m0, P0) = c.prior
     elems = _elements(alg, c)
-    _, mean, cov, _, _ = _scan.scan(
-        partial(filter_combine, alg), elems, parallel=parallel, unroll=unroll
+    mean, cov = _scan.scan(
+        partial(filter_combine, alg),
+        elems,
+        parallel=parallel,
+        unroll=unroll,
+        read=lambda e: (e[1], e[2]),
+        rebuild=lambda f, like: (jnp.zeros_like(like[0]), *f, *map(jnp.zeros_like, like[3:])),
     )
     filtered = Gaussian(mean, cov)
     pred = predict(alg, Gaussian(mean[:-1], cov[:-1]), c.dynamics)

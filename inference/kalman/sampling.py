@@ -15,12 +15,11 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from . import _scan
 from ._algebra import algebra_for
 from ._types import Dynamics, Emissions, Gaussian, LinearGaussian, SmootherResult
 from ._validate import canonicalize
 from .filtering import run_filter
-from .smoothing import backward_conditionals, compose
+from .smoothing import backward_conditionals, compose_scan
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -48,9 +47,7 @@ def _sample_one(key, initial: Gaussian, conditionals: LinearGaussian, reverse, p
         else (lambda r, f: jnp.concatenate([f[None], r]))
     )
     elems = jax.tree.map(cat, maps, first)
-    z = _scan.scan(
-        partial(compose, alg), elems, parallel=parallel, reverse=reverse, unroll=unroll
-    ).b
+    (z,) = compose_scan(alg, elems, ("b",), parallel, reverse, unroll)
     log_prob = (
         -0.5 * jnp.sum(eps * eps)
         - 0.5 * T * d * _LOG_2PI

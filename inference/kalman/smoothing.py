@@ -48,6 +48,22 @@ def compose(alg: Algebra, acc: LinearGaussian, elem: LinearGaussian) -> LinearGa
     )
 
 
+def compose_scan(alg: Algebra, elems: LinearGaussian, fields, parallel, reverse, unroll):
+    """The ``fields`` of all prefix (suffix, ``reverse``) compositions of affine-Gaussian maps
+    whose first (last) map has zero gain."""
+    return _scan.scan(
+        partial(compose, alg),
+        elems,
+        parallel=parallel,
+        reverse=reverse,
+        unroll=unroll,
+        read=lambda e: tuple(getattr(e, f) for f in fields),
+        rebuild=lambda f, like: like._replace(
+            A=jnp.zeros_like(like.A), **dict(zip(fields, f, strict=True))
+        ),
+    )
+
+
 def _backward_element(alg: Algebra, m, P, A, b, Q) -> LinearGaussian:
     P_pred = alg.sym(alg.mm(alg.mm(A, P), alg.T(A)) + Q)
     E = alg.T(alg.solve(P_pred, alg.mm(A, P)))  # P A^T P_pred^{-1}
@@ -83,8 +99,7 @@ def smooth_filtered(
     back = backward_conditionals(filtered, dynamics)
     last = LinearGaussian(jnp.zeros_like(f.cov[-1]), f.mean[-1], f.cov[-1])
     elems = jax.tree.map(lambda x, y: jnp.concatenate([x, y[None]]), back, last)
-    out = _scan.scan(partial(compose, alg), elems, parallel=parallel, reverse=True, unroll=unroll)
-    smoothed = Gaussian(out.b, out.Q)
+    smoothed = Gaussian(*compose_scan(alg, elems, ("b", "Q"), parallel, True, unroll))
     cross = alg.mm(back.A, smoothed.cov[1:])
     return SmootherResult(filtered, smoothed, cross, back)
 
