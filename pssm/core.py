@@ -155,11 +155,12 @@ def check_inputs(obs, actions=None, mask=None, *, obs_dim=None, action_dim=None)
         m_shape = jnp.shape(mask)
         if m_shape[:2] != (B, T) or len(m_shape) > 3:
             raise ValueError(f"mask has shape {m_shape}, expected ({B}, {T}) or ({B}, {T}, K)")
-    concrete = not isinstance(obs, jax.core.Tracer)
+    # a traced mask (inside Predictive or jit) cannot be read: skip rather than misreport
+    concrete = not any(isinstance(x, jax.core.Tracer) for x in (obs, mask))
     if concrete:
         o = np.asarray(obs)
         bad = ~np.isfinite(o)
-        if mask is not None and not isinstance(mask, jax.core.Tracer):
+        if mask is not None:
             m = np.asarray(mask).astype(bool)
             if m.ndim == 3:  # per sensor: a step counts as observed if any sensor is
                 m = m.any(-1)
