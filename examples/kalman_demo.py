@@ -141,7 +141,15 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot saved to {path}")
-    return post
+    return {
+        "log_likelihood": float(post.log_likelihood),
+        "rmse_raw": raw_rmse,
+        "rmse_filtered": rmse(filt.mean),
+        "rmse_smoothed": rmse(smooth.mean),
+        "coverage_filtered": coverage(filt),
+        "coverage_smoothed": coverage(smooth),
+        "sequential_vs_parallel": agree,
+    }
 
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
 """Guide families: constructors taking a model (plus an inference network where the family has
 one) and returning an ordinary NumPyro guide with the model's signature."""
 
-from .filtering import closed_form_filtering
+from .auxiliary import auxiliary
+from .filtering import closed_form_filtering, filtering
 from .kalman import backward_sampling, kalman_smoothing
 
-__all__ = ["backward_sampling", "closed_form_filtering", "kalman_smoothing"]
+__all__ = [
+    "auxiliary",
+    "backward_sampling",
+    "closed_form_filtering",
+    "filtering",
+    "kalman_smoothing",
+]
