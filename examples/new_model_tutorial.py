@@ -58,7 +58,7 @@ def structure(obs, actions, mask=None):
     return core.Structure(prior, kalman.Dynamics(A, b, Q), kalman.Emissions(w, r, mask))
 
 
-# ---- 3. the model: an ordinary NumPyro program ----------------------------------------------------
+# ---- 3. the model: an ordinary NumPyro program -----------------------------------------------
 @core.linear_gaussian(structure)
 def pendulum_model(obs, actions, mask=None):
     s = structure(obs, actions, mask)

@@ -2,8 +2,17 @@
 
 import os
 
-import jax
-from hypothesis import HealthCheck, settings
+# jaxlib 0.10.2's CPU LAPACK kernels can deadlock their intra-op thread pool when independent
+# batched solves run concurrently (seen here under load). XLA sizes that pool by the CPU
+# affinity, and a pool of one cannot deadlock: pin each test process (each xdist worker) to one
+# core, spreading workers over the cores. Must happen before jax starts its backend.
+if hasattr(os, "sched_setaffinity"):
+    _cpus = sorted(os.sched_getaffinity(0))
+    _worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    os.sched_setaffinity(0, {_cpus[_worker % len(_cpus)]})
+
+import jax  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 

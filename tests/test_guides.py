@@ -29,10 +29,15 @@ def problem():
     R = 0.3 * np.eye(P) + 0.05
     Bc = rng.normal(size=(D, 1))
     model = lgssm(A, Q, H, R, B=Bc, m0=np.array([0.5, -0.2]), P0=0.5 * np.eye(D))
-    actions = jnp.asarray(rng.normal(size=(B, T, 1)))
-    sim = Predictive(model, num_samples=1)(jax.random.PRNGKey(0), jnp.zeros((B, T, P)), actions)
+    actions = rng.normal(size=(B, T, 1))
+    z = rng.multivariate_normal([0.5, -0.2], 0.5 * np.eye(D), size=B)
+    ys = []
+    for t in range(T):  # ancestral simulation of the model, independently of its code
+        ys.append(z @ H.T + rng.multivariate_normal(np.zeros(P), R, size=B))
+        z = z @ A.T + actions[:, t] @ Bc.T + rng.multivariate_normal(np.zeros(D), Q, size=B)
     mask = jnp.asarray(rng.random((B, T)) > 0.25)
-    obs = jnp.where(mask[..., None], sim["obs"][0], jnp.nan)  # missing steps hold NaN
+    obs = jnp.where(mask[..., None], jnp.asarray(np.stack(ys, 1)), jnp.nan)  # NaN where missing
+    actions = jnp.asarray(actions)
     exact = exact_log_likelihood(model, {}, obs, actions, mask)
     return model, obs, actions, mask, exact
 
