@@ -6,6 +6,12 @@ import os
 # batched solves run concurrently (seen here under load). XLA sizes that pool by the CPU
 # affinity, and a pool of one cannot deadlock: pin each test process (each xdist worker) to one
 # core, spreading workers over the cores. Must happen before jax starts its backend.
+# Also one OpenBLAS thread (jaxlib's LAPACK calls go to it; on 2 busy cores its own threads
+# oversubscribe) and XLA's plain scheduler: both lower the hang rate (benchmarks/README.md).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+).strip()
 if hasattr(os, "sched_setaffinity"):
     _cpus = sorted(os.sched_getaffinity(0))
     _worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
