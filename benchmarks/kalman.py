@@ -36,10 +36,11 @@ when its run time or memory extrapolated linearly in ``T`` from the largest meas
 the same ``d`` exceeds ``--budget`` / ``--max-mem-gb``, when XLA's memory estimate after
 compiling exceeds ``--max-mem-gb``, when it overruns its time limit (``--compile-budget`` for
 compiling, ``--budget`` + 10 s for the warm-up call and for the timed calls), or when its worker
-deadlocks three times. The worker runs with ``OPENBLAS_NUM_THREADS=1`` and
-:data:`CPU_WORKAROUND_FLAG` in ``XLA_FLAGS`` unless ``--no-cpu-workaround``: without them
-jaxlib 0.10's batched LAPACK kernels stall or deadlock XLA:CPU's thread pool on 2 cores
-(``benchmarks/README.md``). Results go to ``benchmarks/results/kalman.json``.
+deadlocks three times. Unless ``--no-cpu-workaround``, the worker runs with
+``OPENBLAS_NUM_THREADS=1``, ``NPROC=8`` (a larger XLA:CPU thread pool) and
+:data:`CPU_WORKAROUND_FLAG` in ``XLA_FLAGS``: without them jaxlib 0.10's batched LAPACK
+kernels stall or deadlock XLA:CPU's thread pool on 2 cores (``benchmarks/README.md``).
+Results go to ``benchmarks/results/kalman.json``.
 """
 
 import argparse
@@ -64,6 +65,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "kalman.json"
 TARGET = {"d": 32, "T": 256, "structure": "diag", "ours": "ours-seq", "peer": "dynamax-seq"}
 TARGET_RATIO = 100.0
 CPU_WORKAROUND_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+CPU_WORKAROUND_POOL = 8  # NPROC: XLA:CPU's intra-op thread pool size
 
 
 # ------------------------------------------------------------------------------------------
@@ -597,6 +599,7 @@ def _meta(args, cmd):
         max_mem_gb=args.max_mem_gb,
         xla_flags=os.environ.get("XLA_FLAGS"),
         openblas_threads=os.environ.get("OPENBLAS_NUM_THREADS"),
+        nproc=os.environ.get("NPROC"),
     )
 
 
@@ -630,7 +633,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--no-cpu-workaround",
         action="store_true",
-        help="do not set OPENBLAS_NUM_THREADS=1 and " + CPU_WORKAROUND_FLAG + " for the worker "
+        help="do not set OPENBLAS_NUM_THREADS=1, NPROC=8 and " + CPU_WORKAROUND_FLAG + " for the "
+        "worker "
         "(without them jaxlib 0.10's batched LAPACK kernels deadlock XLA:CPU's thread pool on "
         "2 cores; see benchmarks/README.md)",
     )
@@ -681,6 +685,7 @@ def main(argv=None):
     max_mem = args.max_mem_gb * 2**30
     if not args.no_cpu_workaround:  # the worker process inherits the environment
         os.environ["OPENBLAS_NUM_THREADS"] = "1"
+        os.environ.setdefault("NPROC", str(CPU_WORKAROUND_POOL))
         flags = os.environ.get("XLA_FLAGS", "")
         if CPU_WORKAROUND_FLAG not in flags:
             os.environ["XLA_FLAGS"] = f"{flags} {CPU_WORKAROUND_FLAG}".strip()
