@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpyro
+import numpyro.distributions as dist
 from flax import nnx
 from numpyro.contrib.control_flow import scan
 
@@ -45,6 +46,18 @@ class DeterministicPath(nnx.Module):
         return self.gru(h_prev, self.inputs(jnp.concatenate([z_prev, a_prev], axis=-1)))
 
 
+def score_rewards(rewards: jax.Array, features: jax.Array, head) -> None:
+    """Score ``rewards[:, t] ~ N(head(features[:, t + 1]), 1)`` for ``t < T - 1`` at the site
+    ``"reward"`` inside the plate ``"batch"`` (``head`` maps ``(..., F) -> (..., 1)``)."""
+    rewards = jnp.asarray(rewards)
+    B, T = features.shape[:2]
+    if rewards.shape != (B, T):
+        raise ValueError(f"rewards has shape {rewards.shape}, expected ({B}, {T})")
+    mean = head(features[:, 1:])[..., 0]
+    with numpyro.plate("batch", B):
+        numpyro.sample("reward", dist.Normal(mean, 1.0).to_event(1), obs=rewards[:, :-1])
+
+
 def rssm(
     obs_dim: int | Mapping[str, int],
     action_dim: int = 0,
@@ -56,6 +69,7 @@ def rssm(
     obs_var: float = 1.0,
     learn_obs_var: bool = False,
     min_obs_var: float = 0.01,
+    reward: bool = False,
     name: str = "rssm",
     seed: int = 0,
 ):
@@ -74,7 +88,7 @@ def rssm(
         seed: initialisation of the network weights.
 
     Returns:
-        ``model(obs, actions=None, mask=None)`` carrying
+        ``model(obs, actions=None, mask=None, rewards=None)`` carrying
 
         * ``model.deterministic()``: registers the deterministic path's parameter sites (the
           model's own: a guide calling it shares them) and returns the pure function
@@ -89,12 +103,13 @@ def rssm(
     path = DeterministicPath(stoch, u, deter, widths, rngs=rngs)
     prior = nets.GaussianMLP(deter, widths, stoch, min_var=min_var, rngs=rngs)
     decoders = {k: nets.MLP(deter + stoch, widths, p, rngs=rngs) for k, p in dims.items()}
+    reward_head = nets.MLP(deter + stoch, widths, 1, rngs=rngs) if reward else None
     sites = observation_sites(obs_dim)
 
     def deterministic():
         return nets.register(f"{name}_deterministic", path)
 
-    def model(obs, actions=None, mask=None):
+    def model(obs, actions=None, mask=None, rewards=None):
         x = prepare_inputs(obs_dim, u, obs, actions, mask)
         B, T = x.mask.shape[:2]
         step = deterministic()
@@ -122,8 +137,26 @@ def rssm(
             x, means, sites, prefix=name, obs_var=obs_var, learn_obs_var=learn_obs_var,
             min_obs_var=min_obs_var,
         )  # fmt: skip
+        if rewards is not None:
+            score_rewards(rewards, features, nets.register(f"{name}_reward", reward_head))
         return features
 
+    def reward_fn():
+        """Register the reward head; returns ``features (..., F) -> (...)``."""
+        if reward_head is None:
+            raise ValueError("this RSSM was built without a reward head (reward=True)")
+        head = nets.register(f"{name}_reward", reward_head)
+        return lambda f: head(f)[..., 0]
+
+    def decoder_fns():
+        """Register the decoders; returns ``{modality: features (..., F) -> mean}``."""
+        return {k: nets.register(f"{name}_decoder_{k}", decoders[k]) for k in dims}
+
+    def prior_fn():
+        """Register the prior network; returns ``h -> (mu, sigma^2)`` of ``p(z_t | h_t)``."""
+        return nets.register(f"{name}_prior", prior)
+
+    model.reward, model.decoders, model.prior = reward_fn, decoder_fns, prior_fn
     model.deterministic = deterministic
     model.latent_dim, model.deterministic_size, model.feature_size = stoch, deter, deter + stoch
     model.action_dim, model.obs_dims = u, dims

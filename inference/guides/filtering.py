@@ -29,7 +29,7 @@ def closed_form_filtering(model):
     if not hasattr(model, "structure"):
         raise TypeError("closed_form_filtering needs a model declared with pssm.linear_gaussian")
 
-    def guide(obs, *args, **kwargs):
+    def guide(obs, *args, rewards=None, **kwargs):  # rewards: scored by the model only
         s = model.structure(obs, *args, **kwargs)
         first, conditionals = jax.vmap(kalman.one_step_conditionals)(*s)
         return sample_latent_path(first, conditionals)
@@ -76,7 +76,8 @@ def filtering(
     Returns:
         A NumPyro guide with the model's signature ``(obs, actions=None, mask=None)``; it
         samples ``"z_0"`` ``(B, d)`` and ``"z"`` ``(T-1, B, d)`` (a ``scan``, plate inside) and
-        returns the path ``(B, T, d)``. Use it with ``Trace_ELBO`` or ``TraceMeanField_ELBO``
+        returns the path ``(B, T, d)``; ``guide.posterior(in_features)`` gives its factor network
+        for stepwise filtering (agents). Use it with ``Trace_ELBO`` or ``TraceMeanField_ELBO``
         (per-step analytic KL to the model's prior factor, the RSSM objective).
     """
     widths = (int(hidden),) if isinstance(hidden, int) else tuple(int(h) for h in hidden)
@@ -91,7 +92,7 @@ def filtering(
                 )
         return networks[in_features, d]
 
-    def guide(obs, actions=None, mask=None):
+    def guide(obs, actions=None, mask=None, rewards=None):  # rewards: scored by the model only
         o, m = _flatten_observations(obs, actions, mask, getattr(model, "obs_dims", None))
         B, T = m.shape[:2]
         o = o.astype(jnp.promote_types(o.dtype, default_param_dtype()))  # the networks' dtype
@@ -125,6 +126,16 @@ def filtering(
         _, zs = scan(transition, (state, z0), xs)
         return jnp.concatenate([z0[:, None], jnp.moveaxis(zs, 0, 1)], axis=1)
 
+    def posterior(in_features: int):
+        """The factor network as a function ``x_t -> (mu_t, sigma_t^2)`` (its parameter site
+        registered), for stepwise filtering outside the guide: ``x_t`` is laid out as in the
+        guide, ``[state, o_t, m_t, 1{t = 0}]`` with ``in_features`` entries in all."""
+        d = latent_dim or getattr(model, "latent_dim", None)
+        if d is None:
+            raise ValueError("pass latent_dim= to filtering() to step its posterior network")
+        return register(name, network(int(in_features), int(d)))
+
+    guide.posterior = posterior
     return guide
 
 

@@ -45,7 +45,7 @@ def kalman_smoothing(model, *, parallel: bool = False):
     """
     _require_structure(model)
 
-    def guide(obs, *args, **kwargs):
+    def guide(obs, *args, rewards=None, **kwargs):  # rewards: scored by the model only
         s = model.structure(obs, *args, **kwargs)
         post = jax.vmap(partial(kalman.smoother, parallel=parallel))(*s)
         forward = jax.vmap(kalman.smoothed_dynamics)(post)
@@ -60,7 +60,7 @@ def backward_sampling(model, *, parallel: bool = False):
     (forward-filtering backward-sampling as a NumPyro guide)."""
     _require_structure(model)
 
-    def guide(obs, *args, **kwargs):
+    def guide(obs, *args, rewards=None, **kwargs):  # rewards: scored by the model only
         s = model.structure(obs, *args, **kwargs)
         filt = jax.vmap(partial(kalman.filter, parallel=parallel))(*s)
         back = jax.vmap(kalman.backward_conditionals)(filt, s.dynamics)

@@ -1,0 +1,1 @@
+"""Reinforcement learning on learned state space models: environments, replay, agents, runner."""

@@ -1,0 +1,1 @@
+"""Agents as ``init`` / ``act`` / ``update`` functions over state NamedTuples."""

@@ -1,0 +1,138 @@
+"""The world-model protocol: a learned SSM as the agents see it.
+
+Agents (PlaNet, Dreamer, SAC on beliefs) never touch a concrete model. They receive a
+:class:`WorldModel`: the model's training objective plus a handful of pure, jittable functions
+of the model's *constrained* parameters ``params = objective.constrain(train_params)``.
+
+A belief is any pytree with a leading batch axis ``(B, ...)`` (RSSM: ``(h, z)``; Kalman models:
+the filtered Gaussian, plus whatever memory the transition network keeps). Filtering a
+sequence alternates the two steps, with the time convention of :mod:`pssm.core` (the action
+``a_t`` drives ``z_t -> z_{t+1}``)::
+
+    b = init_belief(params, B)                 # p(z_0) before any observation
+    b = observe(params, key, b, o_0, m_0)      # condition on o_0          (filtering update)
+    b = imagine(params, key, b, a_0)           # predict z_1 through a_0  (prior step)
+    b = observe(params, key, b, o_1, m_1)      ...
+
+``imagine`` alone rolls the model forward without observations (planning, imagined
+trajectories); it may sample (RSSM: ``z ~ p(z | h)``; Kalman models: a sample of the state
+pushed through the transition) and must be differentiable in ``params`` and in the belief
+(Dreamer backpropagates returns through it). ``features(params, b)`` ``(B, F)`` is what actor,
+critic, reward head and SAC see (RSSM: ``[h, z]``; Kalman models: the belief mean).
+``reward(params, f)`` predicts the reward received on *arriving* in a state, so the reward of
+``a_t`` is ``reward(features(imagine(b_t, a_t)))``.
+
+Data a world model trains on (``objective``'s batch, sequences from :mod:`rl.replay`)::
+
+    {"obs": (B, T, ...) or {modality: (B, T, ...)}, "actions": (B, T, u),
+     "rewards": (B, T), "mask": (B, T) or (B, T, K)}
+
+with ``actions[:, t]`` taken at ``obs[:, t]`` and ``rewards[:, t]`` received for it (scored
+against ``reward(features(z_{t+1}))``; the last step's reward has no successor and is not
+scored).
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from inference.training import Objective
+
+PyTree = Any
+
+
+class WorldModel(NamedTuple):
+    """A learned model for agents (see the module docstring for the time convention).
+
+    Attributes:
+        objective: trains the model on sequence batches ``{"obs", "actions", "rewards",
+            "mask"}`` (an :class:`inference.training.Objective`).
+        init_belief: ``(params, batch_size) -> belief``: the prior of ``z_0``.
+        observe: ``(params, key, belief, obs_t, mask_t) -> belief``: condition on one step's
+            observation (``obs_t`` ``(B, ...)`` or a dict of them; ``mask_t`` ``(B,)``,
+            ``(B, K)`` or ``None`` for fully observed); a masked step leaves the belief as is.
+        imagine: ``(params, key, belief, action) -> belief``: one prior step under ``action``
+            ``(B, u)``, no observation.
+        features: ``(params, belief) -> (B, F)``.
+        reward: ``(params, features (..., F)) -> (...)``: predicted reward of arriving there.
+        feature_size: ``F``.
+        action_dim: ``u``.
+        decode: optional ``(params, features (..., F)) -> obs mean`` (array or dict, like
+            ``obs``), for reconstructions and open-loop predictions.
+        filter_sequence: optional ``(params, key, obs, actions, mask) -> beliefs`` with a
+            leading ``(B, T)`` on every leaf, the beliefs *after* observing each ``o_t``; when
+            ``None``, :func:`filter_sequence` scans ``observe`` / ``imagine``. Models with a
+            time-parallel filter (KalMamba) provide their own.
+    """
+
+    objective: Objective
+    init_belief: Callable[[PyTree, int], PyTree]
+    observe: Callable[..., PyTree]
+    imagine: Callable[[PyTree, jax.Array, PyTree, jax.Array], PyTree]
+    features: Callable[[PyTree, PyTree], jax.Array]
+    reward: Callable[[PyTree, jax.Array], jax.Array]
+    feature_size: int
+    action_dim: int
+    decode: Callable[[PyTree, jax.Array], Any] | None = None
+    filter_sequence: Callable[..., PyTree] | None = None
+
+
+def _time(x, t):
+    return jax.tree.map(lambda v: v[:, t], x)
+
+
+def filter_sequence(wm: WorldModel, params, key, obs, actions, mask=None) -> PyTree:
+    """Beliefs after each observation: ``b_t = p(z_t | o_{0:t}, a_{0:t-1})``, ``(B, T, ...)``.
+
+    Uses ``wm.filter_sequence`` when the model has one, else scans ``observe`` and ``imagine``
+    (``actions[:, t]`` moves ``b_t`` to the prior of ``z_{t+1}``; the last action is unused).
+    """
+    if wm.filter_sequence is not None:
+        return wm.filter_sequence(params, key, obs, actions, mask)
+    first = jax.tree.leaves(obs)[0]
+    B, T = first.shape[:2]
+    if mask is None:
+        mask = jnp.ones((B, T), bool)
+    keys = jax.random.split(key, (T, 2))
+    b = wm.init_belief(params, B)
+    b = wm.observe(params, keys[0, 0], b, _time(obs, 0), mask[:, 0])
+
+    def step(b, xs):
+        k, a_prev, o, m = xs
+        b = wm.imagine(params, k[0], b, a_prev)
+        b = wm.observe(params, k[1], b, o, m)
+        return b, b
+
+    xs = (
+        keys[1:],
+        jnp.moveaxis(actions[:, :-1], 1, 0),
+        jax.tree.map(lambda v: jnp.moveaxis(v[:, 1:], 1, 0), obs),
+        jnp.moveaxis(mask[:, 1:], 1, 0),
+    )
+    _, bs = jax.lax.scan(step, b, xs)
+    return jax.tree.map(
+        lambda b0, rest: jnp.concatenate([b0[:, None], jnp.moveaxis(rest, 0, 1)], axis=1), b, bs
+    )
+
+
+def imagine_rollout(wm: WorldModel, params, key, belief, policy, horizon: int):
+    """Roll ``policy(features, key) -> action`` through ``imagine`` for ``horizon`` steps.
+
+    Returns ``(features (H+1, B, F), actions (H, B, u), rewards (H, B))``: the features of the
+    start and of every imagined state, the actions taken and the predicted rewards of arriving
+    in each state (Dreamer's imagined trajectories; gradients flow through the dynamics).
+    """
+
+    def step(b, k):
+        k_pi, k_dyn = jax.random.split(k)
+        f = wm.features(params, b)
+        a = policy(f, k_pi)
+        b = wm.imagine(params, k_dyn, b, a)
+        f_next = wm.features(params, b)
+        return b, (f_next, a, wm.reward(params, f_next))
+
+    f0 = wm.features(params, belief)
+    _, (f, a, r) = jax.lax.scan(step, belief, jax.random.split(key, horizon))
+    return jnp.concatenate([f0[None], f], axis=0), a, r

@@ -1,0 +1,1 @@
+"""World-model adapters: each pssm model family as an :class:`rl.world_model.WorldModel`."""
