@@ -1,0 +1,317 @@
+"""Drivers: one agent (with its world model, if any) as the runner drives it.
+
+A :class:`Driver` bundles the pieces the loop in :mod:`rl.runner` calls: ``init`` builds the
+whole learner state (a pytree: world-model :class:`inference.training.TrainState`, agent state),
+``policy`` returns an acting :class:`Policy` for one episode (it keeps the episode's online
+filtered belief), ``train`` runs one training call on replay, ``report`` writes figures at the
+end. The agents themselves are pure functions (:mod:`rl.agents`); drivers only jit, batch and
+feed them.
+
+Agents:
+
+* ``random``: uniform actions (the baseline every run also evaluates);
+* ``sac``: SAC on raw state observations;
+* ``sac-belief``: SAC on the mean of a world model's filtered belief, world model trained
+  alongside on replayed sequences, agent gradients stopped at the model (KalMamba's setting);
+* ``dreamer``: actor-critic on imagined trajectories of the world model (Dreamer);
+* ``planet``: CEM planning with the world model (PlaNet).
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from inference import training
+
+from .world_model import WorldModel, filter_sequence
+
+PyTree = Any
+
+
+class Driver(NamedTuple):
+    """What :func:`rl.runner.run` needs of an agent.
+
+    Attributes:
+        init: ``key -> state``: the learner state (a pytree, checkpointed whole).
+        policy: ``(state, key, explore) -> Policy`` for one episode.
+        train: ``(state, key, replay, updates) -> (state, metrics)`` with float metrics.
+        report: ``(state, replay, run_dir) -> None``: figures at the end of a run.
+        uses_model: whether a world model is trained.
+    """
+
+    init: Callable[[jax.Array], PyTree]
+    policy: Callable[..., "Policy"]
+    train: Callable[..., tuple[PyTree, dict]]
+    report: Callable[..., None]
+    uses_model: bool
+
+
+class Policy:
+    """Acting for one episode: ``policy(t, obs, mask, first) -> action in [-1, 1]^u``.
+
+    Wraps a jitted ``step(state, carry, key, obs, mask, first, prev_action) -> (action,
+    carry)``; ``carry`` is the online belief (or ``None``), ``key`` is ``fold_in(key, t)``.
+    ``update_state`` swaps in a newer learner state mid-episode (after a training call).
+    """
+
+    def __init__(self, step, state, carry, key, action_dim: int):
+        self._step, self.state, self.carry, self.key = step, state, carry, key
+        self.prev = np.zeros(action_dim, np.float32)
+
+    def update_state(self, state) -> None:
+        self.state = state
+
+    def __call__(self, t, obs, mask, first):
+        action, self.carry = self._step(
+            self.state, self.carry, jax.random.fold_in(self.key, t),
+            jax.tree.map(lambda x: jnp.asarray(x)[None], obs),
+            jnp.asarray(np.asarray(mask, bool))[None], bool(first), jnp.asarray(self.prev)[None],
+        )  # fmt: skip
+        self.prev = np.asarray(action[0], np.float32)
+        return np.asarray(self.prev, np.float64)
+
+
+def _no_report(state, replay, run_dir):
+    return None
+
+
+def _floats(metrics: Mapping) -> dict:
+    return {k: float(np.mean(np.asarray(v))) for k, v in metrics.items()}
+
+
+def _override(cfg, name, default):
+    return dict(cfg.overrides).get(name, default)
+
+
+# ----------------------------------------------------------------------------- random
+def random_driver(action_dim: int) -> Driver:
+    def step(state, carry, key, obs, mask, first, prev):
+        return jax.random.uniform(key, (1, action_dim), minval=-1.0, maxval=1.0), carry
+
+    jstep = jax.jit(step, static_argnums=5)
+    return Driver(
+        init=lambda key: {"unused": jnp.zeros(())},
+        policy=lambda state, key, explore: Policy(jstep, state, None, key, action_dim),
+        train=lambda state, key, replay, updates: (state, {}),
+        report=_no_report,
+        uses_model=False,
+    )
+
+
+# ----------------------------------------------------------------------------- SAC (states)
+def sac_driver(cfg, obs_dim: int, action_dim: int) -> Driver:
+    from .agents.sac import SACConfig, sac
+
+    hidden = int(_override(cfg, "hidden", 256))
+    batch = int(_override(cfg, "batch_size", 256 if cfg.preset == "gpu" else 128))
+    agent = sac(obs_dim, action_dim, config=SACConfig(hidden=(hidden, hidden)))
+
+    def step(state, carry, key, obs, mask, first, prev, explore):
+        return agent.act(state, key, obs, deterministic=not explore), carry
+
+    jsteps = {e: jax.jit(lambda *a, e=e: step(*a, e), static_argnums=5) for e in (True, False)}
+    update_many = jax.jit(agent.update_many)
+
+    def train(state, key, replay, updates):
+        tr = replay.sample_transitions(updates * batch, include_ongoing=True)
+        data = {"obs": tr.obs, "action": tr.actions, "reward": tr.rewards,
+                "next_obs": tr.next_obs, "discount": tr.discounts}  # fmt: skip
+        data = {
+            k: jnp.asarray(v).reshape(updates, batch, *np.shape(v)[1:]) for k, v in data.items()
+        }
+        state, metrics = update_many(state, key, data)
+        return state, _floats(metrics)
+
+    return Driver(
+        init=agent.init,
+        policy=lambda state, key, explore: Policy(jsteps[explore], state, None, key, action_dim),
+        train=train,
+        report=_no_report,
+        uses_model=False,
+    )
+
+
+# ----------------------------------------------------------------------------- world models
+class ModelState(NamedTuple):
+    """Learner state of a model-based driver: the world model's training state and the
+    agent's state."""
+
+    model: training.TrainState
+    agent: PyTree
+
+
+def _model_batch(seqs, dtype) -> dict:
+    batch = seqs.model_batch()
+    batch["actions"] = batch["actions"].astype(dtype)
+    batch["rewards"] = batch["rewards"].astype(dtype)
+    if not isinstance(batch["obs"], Mapping):
+        o = batch["obs"]
+        batch["obs"] = o if o.dtype == np.uint8 else o.astype(dtype)
+    return batch
+
+
+def online_filter_step(wm: WorldModel):
+    """``(params, belief, key, obs, mask, first, prev_action) -> belief``: one step of the
+    online filter (predict through the previous action unless ``first``, then observe)."""
+
+    def step(params, belief, key, obs, mask, first, prev):
+        k1, k2 = jax.random.split(key)
+        if first:
+            belief = wm.init_belief(params, jax.tree.leaves(obs)[0].shape[0])
+        else:
+            belief = wm.imagine(params, k1, belief, prev.astype(jnp.result_type(float)))
+        return wm.observe(params, k2, belief, obs, mask)
+
+    return step
+
+
+def world_model_trainer(wm: WorldModel, cfg, example_batch):
+    """``init(key) -> TrainState`` and ``train(state, key, replay, updates) -> (state,
+    metrics)`` for a world model on replayed windows of ``seq_len`` steps."""
+    lr = float(_override(cfg, "model_lr", 6e-4 if cfg.agent == "dreamer" else 1e-3))
+    optimizer = optax.chain(optax.clip_by_global_norm(100.0), optax.adam(lr))
+    batch = int(_override(cfg, "model_batch", 50 if cfg.preset == "gpu" else 16))
+    seq_len = int(_override(cfg, "seq_len", 50 if cfg.preset == "gpu" else 32))
+    pool = int(_override(cfg, "model_pool", 4))  # minibatches of fresh windows per call
+
+    @jax.jit
+    def steps(state, data, num):
+        return training.train_steps(wm.objective, optimizer, state, data, num,
+                                    batch_size=batch, max_steps=512)  # fmt: skip
+
+    def init(key):
+        return training.init_train_state(
+            wm.objective, optimizer, key, example_batch(batch, seq_len)
+        )
+
+    def train(state, key, replay, updates):
+        seqs = replay.sample_sequences(batch * pool, seq_len, include_ongoing=True)
+        state, metrics = steps(state, _model_batch(seqs, jnp.result_type(float)), updates)
+        m = jax.tree.map(lambda v: np.asarray(v)[:updates], metrics)
+        if not np.isfinite(m["loss"]).all():
+            raise FloatingPointError(f"world-model loss not finite: {m['loss']}")
+        return state, {f"model_{k}": float(np.mean(v)) for k, v in m.items()}
+
+    return init, train, batch, seq_len
+
+
+def sac_belief_driver(cfg, wm: WorldModel, example_batch) -> Driver:
+    from .agents.sac import SACConfig, belief_transitions, sac, sample_batches
+
+    hidden = int(_override(cfg, "hidden", 256))
+    batch = int(_override(cfg, "batch_size", 256 if cfg.preset == "gpu" else 128))
+    agent = sac(wm.feature_size, wm.action_dim, config=SACConfig(hidden=(hidden, hidden)))
+    model_init, model_train, model_batch, seq_len = world_model_trainer(wm, cfg, example_batch)
+    filt = online_filter_step(wm)
+
+    def step(state, belief, key, obs, mask, first, prev, explore):
+        params = wm.objective.constrain(state.model.params)
+        k_filter, k_act = jax.random.split(key)
+        belief = filt(params, belief, k_filter, obs, mask, first, prev)
+        f = jax.lax.stop_gradient(wm.features(params, belief))
+        return agent.act(state.agent, k_act, f, deterministic=not explore), belief
+
+    jsteps = {e: jax.jit(lambda *a, e=e: step(*a, e), static_argnums=5) for e in (True, False)}
+
+    @jax.jit
+    def agent_update(state, key, data, updates_arr):
+        params = jax.lax.stop_gradient(wm.objective.constrain(state.model.params))
+        k_filter, k_batch, k_update = jax.random.split(key, 3)
+        beliefs = filter_sequence(wm, params, k_filter, data["obs"], data["actions"], data["mask"])
+        f = wm.features(params, jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), beliefs))
+        f = f.reshape(*data["rewards"].shape, -1)
+        d = jnp.concatenate([data["discounts"][:, 1:], jnp.ones_like(data["discounts"][:, :1])], 1)
+        tr = belief_transitions(f, data["actions"], data["rewards"], d)
+        batches = sample_batches(k_batch, tr, updates_arr.shape[0], batch)
+        return agent.update_many(state.agent, k_update, batches)
+
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        return ModelState(model_init(k1), agent.init(k2))
+
+    def train(state, key, replay, updates):
+        k1, k2 = jax.random.split(key)
+        model, metrics = model_train(state.model, k1, replay, updates)
+        state = state._replace(model=model)
+        seqs = replay.sample_sequences(model_batch, seq_len, include_ongoing=True)
+        data = _model_batch(seqs, jnp.result_type(float))
+        data["discounts"] = jnp.asarray(seqs.discounts, jnp.result_type(float))
+        agent_state, agent_metrics = agent_update(state, k2, data, jnp.zeros(updates))
+        return state._replace(agent=agent_state), {**metrics, **_floats(agent_metrics)}
+
+    def policy(state, key, explore):
+        return Policy(jsteps[explore], state, None, key, wm.action_dim)
+
+    return Driver(init, policy, train, _no_report, True)
+
+
+# ----------------------------------------------------------------------------- factory
+def _obs_dims(env):
+    shape = env.observation_shape
+    if isinstance(shape, Mapping):
+        return {k: (int(np.prod(v)) if len(v) == 1 else tuple(v)) for k, v in shape.items()}
+    return int(np.prod(shape)) if len(shape) == 1 else tuple(shape)
+
+
+def make_world_model(cfg, env) -> WorldModel:
+    """The world model ``cfg.model`` sized by ``cfg.preset`` for ``env``'s observations."""
+    dims, u = _obs_dims(env), env.action_dim
+    gpu = cfg.preset == "gpu"
+    if cfg.model == "rssm":
+        from .world_models.rssm import rssm_world_model
+
+        if not isinstance(dims, int) and not (
+            isinstance(dims, Mapping) and all(isinstance(v, int) for v in dims.values())
+        ):
+            raise ValueError("the RSSM world model takes vector observations (obs='states')")
+        stoch, deter, hidden = (30, 200, 200) if gpu else (
+            int(_override(cfg, "stoch", 16)), int(_override(cfg, "deter", 64)),
+            int(_override(cfg, "model_hidden", 64)),
+        )  # fmt: skip
+        return rssm_world_model(dims, u, stoch=stoch, deter=deter, hidden=hidden, seed=cfg.seed)
+    raise ValueError(f"unknown model {cfg.model!r}; choose from ['rssm']")
+
+
+def example_batch_fn(env):
+    """``(B, T) -> batch`` of zeros shaped like replayed windows of ``env``."""
+    dtype = jnp.result_type(float)
+    shape = env.observation_shape
+    mshape = env.unwrapped.mask_shape
+
+    def obs_zeros(B, T, s):
+        return np.zeros((B, T, *s), np.uint8 if len(s) == 3 else dtype)
+
+    def example(B, T):
+        obs = (
+            {k: obs_zeros(B, T, s) for k, s in shape.items()}
+            if isinstance(shape, Mapping)
+            else obs_zeros(B, T, shape)
+        )
+        return {
+            "obs": obs,
+            "actions": np.zeros((B, T, env.action_dim), dtype),
+            "rewards": np.zeros((B, T), dtype),
+            "mask": np.ones((B, T, *mshape), bool),
+        }
+
+    return example
+
+
+def make_driver(cfg, env) -> Driver:
+    """The driver for ``cfg.agent`` on ``env`` (see the module docstring)."""
+    u = env.action_dim
+    if cfg.agent == "random":
+        return random_driver(u)
+    if cfg.agent == "sac":
+        shape = env.observation_shape
+        if isinstance(shape, Mapping) or len(shape) != 1:
+            raise ValueError("plain SAC takes state vectors: use obs='states' (or sac-belief)")
+        return sac_driver(cfg, int(shape[0]), u)
+    wm = make_world_model(cfg, env)
+    if cfg.agent == "sac-belief":
+        return sac_belief_driver(cfg, wm, example_batch_fn(env))
+    raise ValueError(f"unknown agent {cfg.agent!r}; choose from ['random', 'sac', 'sac-belief']")
