@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 
 from .runner import RunConfig, run
 
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=kind, default=default, help=f"(default: {default})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="driver override, repeatable (e.g. --set hidden=128)")  # fmt: skip
-    parser.add_argument("--run-dir", default=None, help="default: runs/<agent>-<task>-<seed>")
+    parser.add_argument("--run-dir", default=None, help="default: a new runs/<name>-<time>")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -64,7 +65,13 @@ def from_args(args: argparse.Namespace) -> dict:
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
               if f.name != "overrides"}  # fmt: skip
     cfg = RunConfig(**fields, overrides=tuple(overrides))
-    run_dir = args.run_dir or f"runs/{cfg.agent}-{cfg.task}-{cfg.seed}"
+    if args.resume and not args.run_dir:
+        raise SystemExit("--resume needs the --run-dir of the run to continue")
+    name = "-".join(
+        str(x) for x in (cfg.agent, cfg.model if cfg.agent not in ("sac", "random") else None,
+                         cfg.task, cfg.variant, f"s{cfg.seed}") if x
+    )  # fmt: skip
+    run_dir = args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     summary = run(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
     print(json.dumps(summary, indent=1))
     final, rnd = summary["final_eval_return"], summary["random_return"]

@@ -30,6 +30,7 @@ from inference import training
 from .world_model import WorldModel, filter_sequence
 
 PyTree = Any
+AGENTS = ("random", "sac", "sac-belief", "dreamer", "planet")
 
 
 class Driver(NamedTuple):
@@ -107,7 +108,7 @@ def sac_driver(cfg, obs_dim: int, action_dim: int) -> Driver:
     from .agents.sac import SACConfig, sac
 
     hidden = int(_override(cfg, "hidden", 256))
-    batch = int(_override(cfg, "batch_size", 256 if cfg.preset == "gpu" else 128))
+    batch = int(_override(cfg, "batch_size", 256))
     agent = sac(obs_dim, action_dim, config=SACConfig(hidden=(hidden, hidden)))
 
     def step(state, carry, key, obs, mask, first, prev, explore):
@@ -249,6 +250,88 @@ def sac_belief_driver(cfg, wm: WorldModel, example_batch) -> Driver:
     return Driver(init, policy, train, _no_report, True)
 
 
+def _stack(batch: dict, groups: int) -> dict:
+    """Leaves ``(groups * B, ...)`` -> ``(groups, B, ...)``."""
+    return jax.tree.map(lambda v: jnp.asarray(v).reshape(groups, -1, *np.shape(v)[1:]), batch)
+
+
+def dreamer_driver(cfg, wm: WorldModel, example_batch) -> Driver:
+    from .agents.dreamer import DREAMER_CPU, DreamerConfig, dreamer, flatten_beliefs
+
+    config = DreamerConfig() if cfg.preset == "gpu" else DREAMER_CPU
+    agent = dreamer(wm, config)
+    model_init, model_train, model_batch, seq_len = world_model_trainer(wm, cfg, example_batch)
+
+    def step(state, acting, key, obs, mask, first, prev, explore):
+        params = wm.objective.constrain(state.model.params)
+        if first:
+            acting = agent.init_acting(params, 1)
+        return agent.act(params, state.agent, acting, key, obs, mask, explore)
+
+    jsteps = {e: jax.jit(lambda *a, e=e: step(*a, e), static_argnums=5) for e in (True, False)}
+
+    @jax.jit
+    def agent_updates(state, key, data):
+        params = jax.lax.stop_gradient(wm.objective.constrain(state.model.params))
+
+        def one(agent_state, xs):
+            k, batch = xs
+            k_filter, k_update = jax.random.split(k)
+            beliefs = filter_sequence(
+                wm, params, k_filter, batch["obs"], batch["actions"], batch["mask"]
+            )
+            return agent.update(params, agent_state, k_update, flatten_beliefs(beliefs))
+
+        keys = jax.random.split(key, jax.tree.leaves(data)[0].shape[0])
+        return jax.lax.scan(one, state.agent, (keys, data))
+
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        return ModelState(model_init(k1), agent.init(k2))
+
+    def train(state, key, replay, updates):
+        k1, k2 = jax.random.split(key)
+        model, metrics = model_train(state.model, k1, replay, updates)
+        state = state._replace(model=model)
+        starts = int(_override(cfg, "start_batch", 8))  # sequences of start beliefs per update
+        seqs = replay.sample_sequences(updates * starts, seq_len, include_ongoing=True)
+        data = _stack(_model_batch(seqs, jnp.result_type(float)), updates)
+        agent_state, agent_metrics = agent_updates(state, k2, data)
+        return state._replace(agent=agent_state), {**metrics, **_floats(agent_metrics)}
+
+    def policy(state, key, explore):
+        return Policy(jsteps[explore], state, None, key, wm.action_dim)
+
+    return Driver(init, policy, train, _no_report, True)
+
+
+def planet_driver(cfg, wm: WorldModel, example_batch) -> Driver:
+    from .agents.planet import PLANET_CPU, PlanetConfig, planet
+
+    agent = planet(wm, PlanetConfig() if cfg.preset == "gpu" else PLANET_CPU)
+    model_init, model_train, _, _ = world_model_trainer(wm, cfg, example_batch)
+
+    def step(state, planner, key, obs, mask, first, prev, explore):
+        params = wm.objective.constrain(state.model.params)
+        if first:
+            planner = agent.init(params, 1)
+        return agent.act(params, planner, key, obs, mask, explore)
+
+    jsteps = {e: jax.jit(lambda *a, e=e: step(*a, e), static_argnums=5) for e in (True, False)}
+
+    def init(key):
+        return ModelState(model_init(key), ())
+
+    def train(state, key, replay, updates):
+        model, metrics = model_train(state.model, key, replay, updates)
+        return state._replace(model=model), metrics
+
+    def policy(state, key, explore):
+        return Policy(jsteps[explore], state, None, key, wm.action_dim)
+
+    return Driver(init, policy, train, _no_report, True)
+
+
 # ----------------------------------------------------------------------------- factory
 def _obs_dims(env):
     shape = env.observation_shape
@@ -304,6 +387,8 @@ def example_batch_fn(env):
 def make_driver(cfg, env) -> Driver:
     """The driver for ``cfg.agent`` on ``env`` (see the module docstring)."""
     u = env.action_dim
+    if cfg.agent not in AGENTS:
+        raise ValueError(f"unknown agent {cfg.agent!r}; choose from {AGENTS}")
     if cfg.agent == "random":
         return random_driver(u)
     if cfg.agent == "sac":
@@ -312,6 +397,6 @@ def make_driver(cfg, env) -> Driver:
             raise ValueError("plain SAC takes state vectors: use obs='states' (or sac-belief)")
         return sac_driver(cfg, int(shape[0]), u)
     wm = make_world_model(cfg, env)
-    if cfg.agent == "sac-belief":
-        return sac_belief_driver(cfg, wm, example_batch_fn(env))
-    raise ValueError(f"unknown agent {cfg.agent!r}; choose from ['random', 'sac', 'sac-belief']")
+    builders = {"sac-belief": sac_belief_driver, "dreamer": dreamer_driver,
+                "planet": planet_driver}  # fmt: skip
+    return builders[cfg.agent](cfg, wm, example_batch_fn(env))

@@ -69,3 +69,16 @@ def test_sac_on_rssm_belief_trains_finite(tmp_path):
     train = [r for r in _records(tmp_path) if r["kind"] == "train"]
     assert train and all(np.isfinite(r["model_loss"]) and np.isfinite(r["critic_loss"])
                          for r in train)  # fmt: skip
+
+
+def test_cli_runs_and_reports_against_random(tmp_path, capsys):
+    from rl.cli import main
+
+    main(["run", "--agent", "random", "--env-steps", "1000", "--eval-episodes", "1",
+          "--variant", "none", "--run-dir", str(tmp_path), "--no-progress"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "vs random policy" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["variant"] is None and summary["env_steps"] == 1000
+    with pytest.raises(SystemExit):
+        main(["run", "--resume"])  # resuming needs the run directory
