@@ -67,21 +67,42 @@ class Inputs(NamedTuple):
     actions: jax.Array | None
 
 
-def modalities(obs_dims: int | Mapping[str, int]) -> dict[str, int]:
-    """``{name: p_k}``: a dict as given (its key order is the mask order), an int as ``"obs"``."""
+Shape = int | tuple[int, ...]
+
+
+def _shape(v) -> Shape:
+    """A modality's trailing shape: an int ``p`` (a vector) or a tuple such as ``(H, W, C)``."""
+    shape = tuple(int(s) for s in np.atleast_1d(v))
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"a modality's shape must be positive sizes, got {v!r}")
+    return shape[0] if len(shape) == 1 else shape
+
+
+def modalities(obs_dims: Shape | Mapping[str, Shape]) -> dict[str, Shape]:
+    """``{name: shape}``: a dict as given (its key order is the mask order), else ``"obs"``.
+
+    A shape is an int ``p`` for vector observations ``(B, T, p)`` or a tuple of trailing sizes,
+    e.g. ``(64, 64, 3)`` for images ``(B, T, 64, 64, 3)`` (a 1-tuple ``(p,)`` is read as ``p``).
+    """
     if isinstance(obs_dims, Mapping):
         if not obs_dims:
             raise ValueError("obs_dims is an empty dict")
-        return {str(k): int(v) for k, v in obs_dims.items()}
-    return {"obs": int(obs_dims)}
+        return {str(k): _shape(v) for k, v in obs_dims.items()}
+    return {"obs": _shape(obs_dims)}
+
+
+def event_shape(shape: Shape) -> tuple[int, ...]:
+    """A modality's shape as a tuple: ``p -> (p,)``, ``(H, W, C)`` unchanged."""
+    return (shape,) if isinstance(shape, int) else tuple(shape)
 
 
 def prepare_inputs(obs_dims, action_dim: int, obs, actions=None, mask=None) -> Inputs:
     """Check ``(obs, actions, mask)`` against the sizes of a model and bring them to one form.
 
-    ``obs`` is an array ``(B, T, p)`` when ``obs_dims`` is an int, else a dict with the same
-    keys (in any order); ``mask`` is ``None``, ``(B, T)`` (one flag per step, for every
-    modality) or ``(B, T, K)`` in the key order of ``obs_dims``. Raises ``ValueError`` for
+    ``obs`` is an array ``(B, T, *shape)`` when ``obs_dims`` is one modality's shape (an int
+    ``p`` or a tuple such as ``(H, W, C)``), else a dict with the same keys (in any order);
+    ``mask`` is ``None``, ``(B, T)`` (one flag per step, for every modality) or ``(B, T, K)`` in
+    the key order of ``obs_dims``. Raises ``ValueError`` for
     shape mismatches, missing or unexpected actions, and NaN/inf in observations not marked
     missing (when concrete).
     """
@@ -94,11 +115,14 @@ def prepare_inputs(obs_dims, action_dim: int, obs, actions=None, mask=None) -> I
         obs = {k: obs[k] for k in names}
     else:
         if isinstance(obs, Mapping):
-            raise ValueError("this model has one modality: pass obs as an array (B, T, p)")
+            raise ValueError("this model has one modality: pass obs as an array (B, T, ...)")
         obs = {"obs": obs}
     first = jnp.shape(obs[names[0]])
-    if len(first) != 3:
-        raise ValueError(f"obs[{names[0]!r}] has shape {first}, expected (batch, time, features)")
+    expected = event_shape(dims[names[0]])
+    if len(first) != 2 + len(expected):
+        raise ValueError(
+            f"obs[{names[0]!r}] has shape {first}, expected (batch, time, *{expected})"
+        )
     B, T = first[:2]
     if action_dim and actions is None:
         raise ValueError(f"this model takes actions: pass an array ({B}, {T}, {action_dim})")
@@ -120,7 +144,8 @@ def prepare_inputs(obs_dims, action_dim: int, obs, actions=None, mask=None) -> I
         if jnp.shape(o)[:2] != (B, T):
             raise ValueError(f"obs[{name!r}] has shape {jnp.shape(o)}, expected ({B}, {T}, ...)")
         check_inputs(o, actions, mask[..., k], obs_dim=dims[name], action_dim=action_dim or None)
-        clean[name] = jnp.where(mask[..., k, None], o, 0.0)  # missing entries may be NaN
+        m = mask[..., k].reshape((B, T) + (1,) * (len(jnp.shape(o)) - 2))
+        clean[name] = jnp.where(m, o, 0.0)  # missing entries may be NaN
     return Inputs(clean, jnp.asarray(mask), actions)
 
 
@@ -143,15 +168,16 @@ def gaussian_observations(
 ) -> None:
     """Score ``o_t^(k) ~ N(means[k]_t, diag(sigma_k^2))`` for every modality, masked per
     modality and step (a masked entry contributes exactly 0), at the sites ``sites[k]`` inside
-    the plate ``"batch"``. A learned ``sigma_k^2`` is the parameter ``"<prefix>_obs_var_<k>"``."""
+    the plate ``"batch"``. A learned ``sigma_k^2`` is the parameter ``"<prefix>_obs_var_<k>"``
+    (one per entry of the modality's trailing shape, e.g. per pixel and channel of an image)."""
     for k, (modality, o) in enumerate(x.obs.items()):
-        var = jnp.full(o.shape[-1], obs_var, nets.default_param_dtype())
+        var = jnp.full(o.shape[2:], obs_var, nets.default_param_dtype())
         if learn_obs_var:
             var = numpyro.param(
                 f"{prefix}_obs_var_{modality}", var,
                 constraint=constraints.greater_than(min_obs_var),
             )  # fmt: skip
-        likelihood = dist.Normal(means[modality], jnp.sqrt(var)).to_event(1)
+        likelihood = dist.Normal(means[modality], jnp.sqrt(var)).to_event(o.ndim - 2)
         with numpyro.plate("batch", o.shape[0]):
             numpyro.sample(sites[modality], likelihood.mask(x.mask[..., k]).to_event(1), obs=o)
 
@@ -205,6 +231,8 @@ def locally_linear(
         ``model.action_dim`` and ``model.obs_dims`` (``{modality: p_k}``).
     """
     dims = modalities(obs_dims)
+    if not all(isinstance(p, int) for p in dims.values()):
+        raise ValueError(f"locally_linear takes vector modalities only, got shapes {dims}")
     d, u = int(latent_dim), int(action_dim)
     widths = _widths(hidden)
     rngs = nnx.Rngs(seed)

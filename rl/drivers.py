@@ -31,6 +31,7 @@ from .world_model import WorldModel, filter_sequence
 
 PyTree = Any
 AGENTS = ("random", "sac", "sac-belief", "dreamer", "planet")
+MODELS = ("rssm", "vrkn", "kalmamba")
 
 
 class Driver(NamedTuple):
@@ -356,7 +357,25 @@ def make_world_model(cfg, env) -> WorldModel:
             int(_override(cfg, "model_hidden", 64)),
         )  # fmt: skip
         return rssm_world_model(dims, u, stoch=stoch, deter=deter, hidden=hidden, seed=cfg.seed)
-    raise ValueError(f"unknown model {cfg.model!r}; choose from ['rssm']")
+    latent = int(_override(cfg, "latent", 230 if gpu else 32))
+    hidden = int(_override(cfg, "model_hidden", 300 if gpu else 64))
+    mcd = bool(_override(cfg, "mc_dropout", True))
+    if cfg.model == "vrkn":
+        from .world_models.vrkn import vrkn_world_model
+
+        return vrkn_world_model(
+            dims, u, latent_dim=latent, hidden=hidden, mlp_hidden=(hidden, hidden),
+            mc_dropout=mcd, seed=cfg.seed,
+        )  # fmt: skip
+    if cfg.model == "kalmamba":
+        from .world_models.kalmamba import kalmamba_world_model
+
+        return kalmamba_world_model(
+            dims, u, mc_dropout=mcd, latent_dim=latent, hidden=(hidden, hidden),
+            d_model=int(_override(cfg, "d_model", 256 if gpu else 64)),
+            d_state=int(_override(cfg, "d_state", 64 if gpu else 16)), seed=cfg.seed,
+        )  # fmt: skip
+    raise ValueError(f"unknown model {cfg.model!r}; choose from {MODELS}")
 
 
 def example_batch_fn(env):

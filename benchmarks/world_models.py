@@ -1,0 +1,120 @@
+"""Training-step time against sequence length for RSSM, VRKN and KalMamba at equal latent size.
+
+Usage (from the repository root)::
+
+    .venv/bin/python -m benchmarks.world_models --quick       # T in {32, 64, 128}, small sizes
+    .venv/bin/python -m benchmarks.world_models               # T in {32, 64, ..., 1024}
+    .venv/bin/python -m benchmarks.world_models --preset gpu  # the papers' sizes (latent 230)
+
+One training step is one gradient update of the world model's objective (its ELBO with the
+reward term) on a batch of ``B`` sequences of length ``T`` of low-dimensional observations and
+actions: ``inference.training.train_steps`` with ``num_steps=1``, jitted. Compile time is
+measured apart from the median run time (after one warm-up call). The KalMamba paper's claim
+(Becker et al. 2024, Fig. 4) is near-logarithmic growth in ``T`` for KalMamba (Mamba backbone
+and Kalman filter/smoother through ``lax.associative_scan``) against linear growth for the
+recurrent models (RSSM; VRKN, whose transition depends on the filtered mean) on a GPU; on a
+2-core CPU a parallel scan does more work than a sequential one and cannot win
+(``benchmarks/README.md``). A configuration whose previous ``T`` took longer than ``--budget``
+seconds per step is skipped. Results go to ``benchmarks/results/world_models.json``.
+"""
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+if "concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    ).strip()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from benchmarks._timing import benchmark  # noqa: E402
+from inference import training  # noqa: E402
+
+OBS, ACT = 8, 2
+
+
+def build(name: str, latent: int, hidden: int):
+    """World model ``name`` with latent (feature) size ``latent``."""
+    if name == "rssm":
+        from rl.world_models.rssm import rssm_world_model
+
+        stoch = max(latent // 8, 2)
+        return rssm_world_model(OBS, ACT, stoch=stoch, deter=latent - stoch, hidden=hidden)
+    if name == "vrkn":
+        from rl.world_models.vrkn import vrkn_world_model
+
+        return vrkn_world_model(OBS, ACT, latent_dim=latent, hidden=hidden,
+                                mlp_hidden=(hidden, hidden))  # fmt: skip
+    if name == "kalmamba":
+        from rl.world_models.kalmamba import kalmamba_world_model
+
+        return kalmamba_world_model(OBS, ACT, latent_dim=latent, hidden=(hidden, hidden),
+                                    d_model=hidden, d_state=16)  # fmt: skip
+    raise ValueError(f"unknown model {name!r}")
+
+
+def batch(B: int, T: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "obs": rng.normal(size=(B, T, OBS)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, size=(B, T, ACT)).astype(np.float32),
+        "rewards": rng.normal(size=(B, T)).astype(np.float32),
+        "mask": np.ones((B, T), bool),
+    }
+
+
+def step_timing(name: str, latent: int, hidden: int, B: int, T: int, repeats: int):
+    wm = build(name, latent, hidden)
+    optimizer = optax.adam(1e-3)
+    data = batch(B, T)
+    state = training.init_train_state(wm.objective, optimizer, jax.random.key(0), data)
+
+    def one_step(state, data):
+        return training.train_steps(wm.objective, optimizer, state, data, 1, batch_size=B)
+
+    return benchmark(one_step, state, data, repeats=repeats, budget_s=30.0)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--models", nargs="+", default=["rssm", "vrkn", "kalmamba"])
+    parser.add_argument("--T", nargs="+", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds per step to stop")
+    parser.add_argument("--out", default="benchmarks/results/world_models.json")
+    args = parser.parse_args(argv)
+    latent, hidden = (230, 300) if args.preset == "gpu" else (32, 64)
+    Ts = args.T or ([32, 64, 128] if args.quick else [32, 64, 128, 256, 512, 1024])
+    device = jax.devices()[0]
+    results = {"device": f"{device.platform}: {device.device_kind}", "cpu": platform.processor(),
+               "latent": latent, "hidden": hidden, "batch": args.batch, "rows": []}  # fmt: skip
+    print(f"device {results['device']}, latent {latent}, hidden {hidden}, batch {args.batch}")
+    print("| model | T | compile s | step ms (median) |\n|---|---|---|---|")
+    for name in args.models:
+        for T in Ts:
+            t = step_timing(name, latent, hidden, args.batch, T, args.repeats)
+            row = {"model": name, "T": T, "compile_s": t.compile_s, "step_ms": 1e3 * t.median_s}
+            results["rows"].append(row)
+            print(f"| {name} | {T} | {t.compile_s:.1f} | {1e3 * t.median_s:.1f} |", flush=True)
+            if t.median_s > args.budget:
+                print(f"| {name} | > {T} | skipped: step above {args.budget} s |")
+                break
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,442 @@
+"""The Variational Recurrent Kalman Network (VRKN; Becker & Neumann 2022, "On Uncertainty in
+Deep State Space Models for Model-Based Reinforcement Learning", TMLR).
+
+For ``K`` modalities ``o_t^(k)`` (vectors or images) and a latent state ``z_t`` of size ``d``:
+
+    encoders      w_t^(k), r_t^(k) = enc_k(o_t^(k))                  (conv for images, MLP else)
+    filter        mu_0^- = m_0, P_0^- = P_0;   mu_t^+, P_t^+ = update(mu_t^-, P_t^-, {w, r, m}_t)
+    transition    A_t, b_t, Q_t = phi_2(GRU(phi_1(mu_t^+, a_t), mu_t^+))    (Sec. 3.2, Fig. 3b)
+                  A_t in [0.1, 0.99] (0.9 at 0), Q_t in [1e-3, 0.1] (0.01 at 0), b_t linear
+                  mu_{t+1}^- = A_t mu_t^+ + b_t,   P_{t+1}^- = A_t^2 P_t^+ + Q_t
+    prior         z_0 ~ N(m_0, diag(P_0)),   z_{t+1} ~ N(A_t z_t + b_t, diag(Q_t))
+    likelihood    o_t^(k) ~ N(dec_k(z_t), sigma_k^2 I)  unless masked;  rew_t ~ N(head(z_{t+1}), 1)
+
+``update`` is the Kalman update with the latent observations ``w_t^(k) = z_t + N(0, r_t^(k))``,
+elementwise (diagonal ``A_t``, ``P``, ``r``), fusing the observed modalities of a step in
+information form (the same as one update per sensor in turn, in any order; a masked modality
+is skipped). The dynamics are *linearised at the filtered mean* (like an extended Kalman
+filter), so the filter is recurrent: :func:`vrkn` runs it in one ``lax.scan`` that at each step
+computes ``(A_t, b_t, Q_t)`` from ``mu_t^+`` and ``a_t``, predicts and updates with
+``w_{t+1}``, and hands the resulting latent LGSSM to the Kalman guides through
+``model.structure`` (``inference.guides.kalman_smoothing`` gives the smoothing posterior and,
+with ``TraceMeanField_ELBO``, the VRKN bound, Eq. 3). As in the official implementation
+(``pbecker93/vrkn``), gradients flow through the filtered means into the transition network
+(nothing is detached). The GRU's hidden state is the filtered mean itself: no memory beyond
+``z``.
+
+Epistemic uncertainty: Monte-Carlo dropout (rate 0.1) after ``phi_1``, after the GRU and after
+the hidden layer of ``phi_2`` (Sec. 3.3; ``mc_dropout=False`` is "VRKN (no MCD)"). The masks
+are latent variables: the site ``"<name>_dropout"`` ``(B, T-1, 2 hidden + d)`` ~ ``U(0, 1)``
+(keep where ``u >= rate``) is drawn in ``structure``, so the guide (which calls
+``structure``) and the model (which replays the guide's trace) use the same masks, as the
+official code's single forward pass does; its variational distribution is its prior, so it
+adds exactly 0 to the ELBO. Under ``Predictive`` without a guide the masks are fresh draws:
+MC-dropout predictions. The site is drawn only under a ``seed`` handler (as in
+:mod:`pssm.rssm`); without a key the transition runs without dropout.
+
+Choices that differ from the official code: ``m_0`` is learned (there: fixed at 0); the
+initial-state KL enters the bound with weight 1 (there: 0 by default); the ELBO is a sum over
+batch and time (there: a mean, so learning rates differ by that factor).
+
+Images: ``uint8`` arrays are mapped to ``[-0.5, 0.5]`` at ``image_bits`` colour depth (5, as
+VRKN and PlaNet; :func:`pssm.layers.preprocess_image`), float arrays are taken as already
+mapped; decoders predict in that space. Training: :class:`FreeNatsELBO` (free nats 3 per
+``(batch, time)`` element, as VRKN). Sites and conventions as in :mod:`pssm.core` /
+:mod:`pssm.locally_linear`: ``"z_0"``, ``"z"``, ``"obs"`` or ``"obs_<name>"``, ``"reward"``.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpyro
+from flax import nnx
+from numpyro.distributions import constraints
+from numpyro.distributions.kl import kl_divergence
+from numpyro.distributions.util import scale_and_mask
+from numpyro.handlers import replay, seed, substitute, trace
+from numpyro.infer.elbo import ELBO
+
+from inference import kalman
+
+from . import nets
+from .core import Structure, linear_gaussian, model_prior_conditionals, sample_latent_path
+from .layers import ConvDecoder, GaussianConvEncoder, MCDropout, preprocess_image
+from .locally_linear import (
+    Inputs,
+    gaussian_observations,
+    modalities,
+    observation_sites,
+    prepare_inputs,
+)
+from .rssm import score_rewards
+
+__all__ = [
+    "FreeNatsELBO",
+    "Networks",
+    "VRKNTransition",
+    "kalman_update",
+    "predict",
+    "vrkn",
+]
+
+
+def kalman_update(mean, var, w, R, mask):
+    """Condition ``N(mean, diag(var))`` ``(..., d)`` on latent observations
+    ``w_k = z + N(0, diag(R_k))`` ``(..., K, d)`` with observed flags ``mask`` ``(..., K)``:
+
+        J = sum_k m_k / R_k,  h = sum_k m_k w_k / R_k,
+        var+ = var / (1 + var J),  mean+ = (mean + var h) / (1 + var J).
+    """
+    seen = mask[..., None] > 0
+    J = jnp.sum(jnp.where(seen, 1.0 / R, 0.0), axis=-2)
+    h = jnp.sum(jnp.where(seen, w / R, 0.0), axis=-2)
+    denom = 1.0 + var * J
+    return (mean + var * h) / denom, var / denom
+
+
+def predict(mean, var, A, b, Q):
+    """Push ``N(mean, diag(var))`` through ``z' = A z + b + N(0, diag(Q))`` (diagonal ``A``)."""
+    return A * mean + b, A * A * var + Q
+
+
+class VRKNTransition(nnx.Module):
+    """``(mu_t^+, a_t) -> (A_t, b_t, Q_t)``: VRKN's gated transition network (Fig. 3b).
+
+        x = drop(act(W_1 [mu, a] + c_1)),  g = drop(GRU(h=mu, x)),
+        y = drop(act(W_2 g + c_2)),  (A~, Q~, b) = W_3 y + c_3,
+        A = scaled_sigmoid(A~; A_bounds),  Q = scaled_sigmoid(Q~; Q_bounds).
+
+    Dropout masks come from ``key`` (fresh MC-dropout draws) or from uniform ``noise``
+    ``(..., 2 hidden + d)`` (of the three layers, concatenated; see :class:`MCDropout`);
+    neither: no dropout.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        action_dim: int,
+        hidden: int,
+        *,
+        rate: float = 0.1,
+        A_bounds: tuple[float, float, float] = (0.1, 0.99, 0.9),
+        Q_bounds: tuple[float, float, float] = (1e-3, 0.1, 1e-2),
+        activation: nets.Activation = nnx.relu,
+        param_dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        nets.scaled_sigmoid(jnp.zeros(()), *A_bounds)  # validates the bounds
+        nets.scaled_sigmoid(jnp.zeros(()), *Q_bounds)
+        kw = dict(param_dtype=param_dtype or nets.default_param_dtype(), rngs=rngs)
+        d, h = int(latent_dim), int(hidden)
+        self.pre = nnx.Linear(d + int(action_dim), h, **kw)
+        self.gru = nets.GRU(h, d, **kw)
+        self.post = nnx.Linear(d, h, **kw)
+        self.out = nnx.Linear(h, 3 * d, **kw)
+        self.dropout = MCDropout(rate)
+        self.activation = activation
+        self.A_bounds, self.Q_bounds = tuple(A_bounds), tuple(Q_bounds)
+        self.noise_size = 2 * h + d
+        self._splits = (h, h + d)
+
+    def __call__(self, mean, action, key=None, noise=None):
+        if noise is not None:
+            parts = jnp.split(noise, self._splits, axis=-1)
+            drop = [lambda x, u=u: self.dropout(x, noise=u) for u in parts]
+        elif key is not None:
+            drop = [lambda x, k=k: self.dropout(x, k) for k in jax.random.split(key, 3)]
+        else:
+            drop = [lambda x: x] * 3
+        x = drop[0](self.activation(self.pre(jnp.concatenate([mean, action], axis=-1))))
+        g = drop[1](self.gru(mean, x))
+        y = drop[2](self.activation(self.post(g)))
+        A_raw, Q_raw, b = jnp.split(self.out(y), 3, axis=-1)
+        A = nets.scaled_sigmoid(A_raw, *self.A_bounds)
+        Q = nets.scaled_sigmoid(Q_raw, *self.Q_bounds)
+        return A, b, Q
+
+
+class Networks(NamedTuple):
+    """A VRKN's networks as pure functions of their (registered or substituted) parameters.
+
+    Attributes:
+        encoders: ``{modality: o (..., *shape) -> (w, r)}`` on preprocessed observations.
+        transition: ``(mean, action, key=None, noise=None) -> (A, b, Q)``.
+        decoders: ``{modality: z (..., d) -> mean (..., *shape)}``.
+        reward: ``z (..., d) -> (...)`` or ``None`` without a reward head.
+        initial: ``N(m_0, diag(P_0))``, ``(d,)`` each.
+    """
+
+    encoders: dict[str, Callable]
+    transition: Callable
+    decoders: dict[str, Callable]
+    reward: Callable | None
+    initial: kalman.Gaussian
+
+
+def _widths(hidden) -> tuple[int, ...]:
+    return (int(hidden),) if isinstance(hidden, int) else tuple(int(h) for h in hidden)
+
+
+def vrkn(
+    obs_dims,
+    action_dim: int = 0,
+    latent_dim: int = 230,
+    hidden: int = 300,
+    *,
+    mlp_hidden: int | Sequence[int] = (300, 300),
+    mc_dropout: bool = True,
+    dropout_rate: float = 0.1,
+    reward: bool = False,
+    obs_var: float = 1.0,
+    min_latent_obs_var: float = 0.01,
+    min_initial_var: float = 1e-3,
+    A_bounds: tuple[float, float, float] = (0.1, 0.99, 0.9),
+    Q_bounds: tuple[float, float, float] = (1e-3, 0.1, 1e-2),
+    image_bits: int = 5,
+    conv_depth: int = 32,
+    name: str = "vrkn",
+    seed: int = 0,
+):
+    """Build a VRKN (equations in the module docstring).
+
+    Args:
+        obs_dims: one modality's shape (``p`` or ``(H, W, C)``) or ``{modality: shape}``; a
+            3-axis shape is an image (conv encoder and decoder; height and width multiples of
+            16), an int a vector (MLP encoder and decoder).
+        action_dim: ``u`` (``0``: no actions).
+        latent_dim: ``d`` (VRKN: 230).
+        hidden: width of the transition network (VRKN: 300).
+        mlp_hidden: hidden widths of vector encoders and decoders and of the reward head.
+        mc_dropout: Monte-Carlo dropout in the transition network (``False``: "VRKN (no MCD)").
+        dropout_rate: its rate (VRKN: 0.1).
+        reward: add a reward head; the model then scores ``rewards[:, t]`` against ``z_{t+1}``.
+        obs_var: fixed decoder variance ``sigma_k^2``.
+        min_latent_obs_var: floor of the encoders' variances ``r_t`` (initial value 1).
+        min_initial_var: floor of the learned ``P_0`` (initial value 1; ``m_0`` starts at 0).
+        A_bounds, Q_bounds: ``(lo, hi, value at zero)`` of the transition entries and variances.
+        image_bits: colour depth integer images are reduced to (:func:`preprocess_image`).
+        conv_depth: base depth of the conv encoder and decoder (32).
+        name: prefix of the parameter sites ``"<name>_encoder_<modality>$params"``,
+            ``"<name>_transition$params"``, ``"<name>_decoder_<modality>$params"``,
+            ``"<name>_reward$params"``, ``"<name>_m0"``, ``"<name>_P0"`` and of the dropout
+            site ``"<name>_dropout"``.
+        seed: initialisation of the network weights.
+
+    Returns:
+        ``model(obs, actions=None, mask=None, rewards=None)`` with latent sites ``"z_0"``,
+        ``"z"``, returning ``z`` ``(B, T, d)`` and carrying ``model.structure`` (for the Kalman
+        guides), ``model.filter(obs, actions=None, mask=None)`` (the filtered beliefs
+        ``(B, T, d)`` as a ``kalman.Gaussian``), ``model.networks()`` (registers every
+        parameter site, returns :class:`Networks`), ``model.preprocess(obs)`` (images to
+        floats), ``model.latent_dim``, ``model.feature_size`` (``d``), ``model.action_dim``,
+        ``model.obs_dims`` and ``model.mc_dropout``.
+    """
+    dims = modalities(obs_dims)
+    for k, s in dims.items():
+        if not isinstance(s, int) and len(s) != 3:
+            raise ValueError(f"modality {k!r}: shape {s} is neither a vector nor (H, W, C)")
+    d, u = int(latent_dim), int(action_dim)
+    widths = _widths(mlp_hidden)
+    rngs = nnx.Rngs(seed)
+    images = {k for k, s in dims.items() if not isinstance(s, int)}
+    encoders = {
+        k: GaussianConvEncoder(s, d, depth=conv_depth, min_var=min_latent_obs_var, rngs=rngs)
+        if k in images
+        else nets.GaussianMLP(s, widths, d, min_var=min_latent_obs_var, rngs=rngs)
+        for k, s in dims.items()
+    }
+    rate = float(dropout_rate) if mc_dropout else 0.0
+    transition = VRKNTransition(
+        d, u, hidden, rate=rate, A_bounds=A_bounds, Q_bounds=Q_bounds, rngs=rngs
+    )
+    decoders = {
+        k: ConvDecoder(d, s, depth=conv_depth, rngs=rngs)
+        if k in images
+        else nets.MLP(d, widths, s, rngs=rngs)
+        for k, s in dims.items()
+    }
+    reward_head = nets.MLP(d, widths, 1, rngs=rngs) if reward else None
+    sites = observation_sites(obs_dims)
+    dtype = nets.default_param_dtype()
+
+    def preprocess(obs):
+        """Integer images -> floats in ``[-0.5, 0.5]``; everything else unchanged."""
+
+        def one(k, o):
+            o = jnp.asarray(o)
+            if k in images and jnp.issubdtype(o.dtype, jnp.integer):
+                return preprocess_image(o, image_bits)
+            return o
+
+        if isinstance(obs, Mapping):
+            return {k: one(k, o) for k, o in obs.items()}
+        return one("obs", obs)
+
+    def networks() -> Networks:
+        enc = {k: nets.register(f"{name}_encoder_{k}", encoders[k]) for k in dims}
+        dec = {k: nets.register(f"{name}_decoder_{k}", decoders[k]) for k in dims}
+        head = None
+        if reward_head is not None:
+            head_fn = nets.register(f"{name}_reward", reward_head)
+            head = lambda z: head_fn(z)[..., 0]
+        m0 = numpyro.param(f"{name}_m0", jnp.zeros(d, dtype))
+        P0 = numpyro.param(
+            f"{name}_P0", jnp.ones(d, dtype), constraint=constraints.greater_than(min_initial_var)
+        )
+        trans = nets.register(f"{name}_transition", transition)
+        return Networks(enc, trans, dec, head, kalman.Gaussian(m0, P0))
+
+    def dropout_noise(B: int, T: int):
+        """The dropout noise of the transition network, ``(B, T-1, 2 hidden + d)``, or ``None``
+        (no MC dropout, or no ``seed`` handler: no key, no dropout)."""
+        if not rate or numpyro.prng_key() is None:
+            return None
+        shape = (T - 1, transition.noise_size)
+        with numpyro.plate("batch", B):
+            return numpyro.sample(
+                f"{name}_dropout", MCDropout.noise_distribution(shape).to_event(2)
+            )
+
+    def filtered_lgssm(x: Inputs, n: Networks) -> tuple[Structure, kalman.Gaussian]:
+        """The recurrent filter: the latent LGSSM and the filtered beliefs ``(B, T, d)``."""
+        w, R = zip(*(n.encoders[k](o) for k, o in x.obs.items()), strict=True)
+        w, R = jnp.stack(w, axis=2), jnp.stack(R, axis=2)  # (B, T, K, d)
+        B, T = x.mask.shape[:2]
+        noise = dropout_noise(B, T)
+        actions = jnp.zeros((B, T, 0), w.dtype) if x.actions is None else x.actions
+        time = lambda v: jnp.moveaxis(v, 1, 0)
+        m0 = jnp.broadcast_to(n.initial.mean, (B, d))
+        P0 = jnp.broadcast_to(n.initial.cov, (B, d))
+        first = kalman_update(m0, P0, w[:, 0], R[:, 0], x.mask[:, 0])
+
+        def step(belief, xs):  # filtered belief at t -> (A_t, b_t, Q_t), filtered at t + 1
+            a_t, noise_t, w_next, R_next, mask_next = xs
+            A, b, Q = n.transition(belief[0], a_t.astype(w.dtype), noise=noise_t)
+            filtered = kalman_update(*predict(*belief, A, b, Q), w_next, R_next, mask_next)
+            return filtered, (A, b, Q, *filtered)
+
+        xs = (actions[:, :-1], noise, w[:, 1:], R[:, 1:], x.mask[:, 1:])
+        xs = jax.tree.map(time, xs)
+        _, (A, b, Q, means, variances) = jax.lax.scan(step, first, xs)
+        A, b, Q, means, variances = map(time, (A, b, Q, means, variances))
+        filtered = kalman.Gaussian(
+            jnp.concatenate([first[0][:, None], means], axis=1),
+            jnp.concatenate([first[1][:, None], variances], axis=1),
+        )
+        prior = kalman.Gaussian(m0, P0)
+        structure = Structure(prior, kalman.Dynamics(A, b, Q), kalman.Emissions(w, R, x.mask))
+        return structure, filtered
+
+    def inputs(obs, actions, mask) -> Inputs:
+        return prepare_inputs(obs_dims, u, preprocess(obs), actions, mask)
+
+    def structure(obs, actions=None, mask=None) -> Structure:
+        return filtered_lgssm(inputs(obs, actions, mask), networks())[0]
+
+    def filter_beliefs(obs, actions=None, mask=None) -> kalman.Gaussian:
+        return filtered_lgssm(inputs(obs, actions, mask), networks())[1]
+
+    @linear_gaussian(structure)
+    def model(obs, actions=None, mask=None, rewards=None):
+        x = inputs(obs, actions, mask)
+        n = networks()
+        s, _ = filtered_lgssm(x, n)
+        z = sample_latent_path(*model_prior_conditionals(s))
+        means = {k: n.decoders[k](z) for k in dims}
+        gaussian_observations(x, means, sites, prefix=name, obs_var=obs_var)
+        if rewards is not None:
+            if n.reward is None:
+                raise ValueError("this VRKN has no reward head: build it with reward=True")
+            score_rewards(rewards, z, lambda f: n.reward(f)[..., None])
+        return z
+
+    model.filter, model.networks, model.preprocess = filter_beliefs, networks, preprocess
+    model.latent_dim = model.feature_size = d
+    model.action_dim, model.obs_dims, model.mc_dropout = u, dims, bool(rate)
+    return model
+
+
+def _log_prob_sum(site) -> jax.Array:
+    return jnp.sum(scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"]))
+
+
+class FreeNatsELBO(ELBO):
+    """``TraceMeanField_ELBO`` with free nats: the analytic KL of the latent-path sites is
+    clamped from below per element (VRKN, Dreamer; Kingma et al. 2016):
+
+        loss = -( sum log p(o | z) - sum_{b,t} max(KL_{b,t}, free_nats) - other KLs )
+
+    where ``KL_{b,t}`` is the KL of one sequence ``b`` and step ``t`` (a batch element of the
+    sites ``kl_sites``, default ``"z_0"`` and ``"z"``: ``(B,)`` and ``(T-1, B)``). Below
+    ``free_nats`` a step's KL receives no gradient. Other latent sites (e.g. VRKN's dropout
+    masks) enter as in ``TraceMeanField_ELBO`` (analytic KL, else ``log p - log q``).
+    ``free_nats=0`` is ``TraceMeanField_ELBO``. Implements the
+    :class:`inference.training.MetricsELBO` protocol: metrics ``"elbo"`` (the unclamped bound),
+    ``"kl"``, ``"log_likelihood"``.
+    """
+
+    def __init__(
+        self,
+        free_nats: float = 3.0,
+        kl_sites: Sequence[str] = ("z_0", "z"),
+        num_particles: int = 1,
+        vectorize_particles: bool = True,
+    ):
+        if free_nats < 0:
+            raise ValueError(f"free_nats must be >= 0, got {free_nats}")
+        self.free_nats = float(free_nats)
+        self.kl_sites = tuple(kl_sites)
+        super().__init__(num_particles=num_particles, vectorize_particles=vectorize_particles)
+
+    def _particle(self, rng_key, param_map, model, guide, args, kwargs):
+        model_key, guide_key = jax.random.split(rng_key)
+        guide_trace = trace(substitute(seed(guide, guide_key), data=param_map)).get_trace(
+            *args, **kwargs
+        )
+        replayed = replay(seed(model, model_key), guide_trace)
+        model_trace = trace(substitute(replayed, data=param_map)).get_trace(*args, **kwargs)
+        zero = jnp.zeros(())
+        log_lik, kl, clamped, other = zero, zero, zero, zero
+        for name, site in model_trace.items():
+            if site["type"] != "sample":
+                continue
+            if site["is_observed"]:
+                log_lik = log_lik + _log_prob_sum(site)
+                continue
+            g = guide_trace[name]
+            if name in self.kl_sites:
+                kl_el = kl_divergence(g["fn"], site["fn"])
+                kl = kl + jnp.sum(scale_and_mask(kl_el, g["scale"]))
+                floor = jnp.maximum(kl_el, self.free_nats)
+                clamped = clamped + jnp.sum(scale_and_mask(floor, g["scale"]))
+                continue
+            try:
+                other = other + jnp.sum(
+                    scale_and_mask(kl_divergence(g["fn"], site["fn"]), g["scale"])
+                )
+            except NotImplementedError:
+                other = other + _log_prob_sum(g) - _log_prob_sum(site)
+        for name, g in guide_trace.items():  # auxiliary guide sites: -log q
+            if g["type"] == "sample" and not g["is_observed"] and name not in model_trace:
+                other = other + _log_prob_sum(g)
+        elbo = log_lik - kl - other
+        return -(log_lik - clamped - other), elbo, kl, log_lik
+
+    def loss_with_metrics(self, rng_key, param_map, model, guide, *args, **kwargs) -> dict:
+        def particle(key):
+            return self._particle(key, param_map, model, guide, args, kwargs)
+
+        if self.num_particles == 1:
+            loss, elbo, kl, log_lik = particle(rng_key)
+        else:
+            keys = jax.random.split(rng_key, self.num_particles)
+            out = self.vectorize_particles_fn(particle, keys)
+            loss, elbo, kl, log_lik = (jnp.mean(v) for v in out)
+        metrics = {"elbo": elbo, "kl": kl, "log_likelihood": log_lik}
+        return {"loss": loss, "metrics": metrics, "mutable_state": None}
+
+    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        out = self.loss_with_metrics(rng_key, param_map, model, guide, *args, **kwargs)
+        return {"loss": out["loss"], "mutable_state": None}
