@@ -42,7 +42,7 @@ from .replay import Replay
 class RunConfig:
     """A run: what to train, on which task, for how long.
 
-    The defaults are the main job: SAC on the filtered belief of an RSSM world model on
+    The defaults are the main job: SAC on the filtered belief of a VRKN world model on
     cartpole-swingup from noisy states (observation and action noise N(0, 0.3), the KalMamba
     setting), 100k environment steps with the CPU preset (minutes on 2 CPU cores).
 
@@ -68,7 +68,7 @@ class RunConfig:
     """
 
     agent: str = "sac-belief"
-    model: str = "rssm"
+    model: str = "vrkn"
     task: str = "cartpole-swingup"
     obs: str = "states"
     variant: str | None = "noisy"
