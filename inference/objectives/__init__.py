@@ -1,0 +1,47 @@
+"""Objective wrappers around ELBOs: rate-distortion splits, constrained optimisation (REWO),
+KL annealing, and the variational hierarchical prior (VHP) bound.
+
+Example (any NumPyro model and guide)::
+
+    from inference import objectives, training
+
+    elbo = objectives.ConstrainedELBO(objectives.TraceRateDistortion(), d0=None)
+    objective = training.elbo_objective(model, guide, elbo)
+    state, history = training.fit(objective, data, optax.adam(1e-3), num_steps=..., ...)
+    history[-1]["lagrange_multiplier"], history[-1]["distortion"], history[-1]["rate"]
+"""
+
+from .constrained import (
+    AnnealedELBO,
+    AnnealState,
+    ConstrainedELBO,
+    RateDistortion,
+    RateDistortionELBO,
+    REWOState,
+    TraceRateDistortion,
+    encoder_decoder,
+    f_lambda,
+    gate_params,
+    linear_warmup,
+    update_multiplier,
+)
+from .vhp import VHP, sample_posterior, sample_prior, vhp_bound
+
+__all__ = [
+    "VHP",
+    "AnnealState",
+    "AnnealedELBO",
+    "ConstrainedELBO",
+    "REWOState",
+    "RateDistortion",
+    "RateDistortionELBO",
+    "TraceRateDistortion",
+    "encoder_decoder",
+    "f_lambda",
+    "gate_params",
+    "linear_warmup",
+    "sample_posterior",
+    "sample_prior",
+    "update_multiplier",
+    "vhp_bound",
+]

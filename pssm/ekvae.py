@@ -1,0 +1,715 @@
+"""Extended Kalman VAE (EKVAE): Klushyn et al. (2021), "Latent Matters: Learning Deep
+State-Space Models", NeurIPS, Sec. 4 (equation numbers below are the paper's).
+
+Generative model (time and batch conventions of :mod:`pssm.core`, steps ``t = 0..T-1``; the
+paper counts from 1):
+
+    z_0 ~ N(m0, P0)   or the VHP  p(z_0) = int p(z_0 | zeta) N(zeta; 0, I) dzeta     (Eq. 6)
+    z_{t+1} ~ N(F(z_t, u_t) z_t + B(z_t, u_t) u_t, Q(z_t, u_t))                       (Eq. 9)
+    [F, B, Q](z, u) = sum_m alpha_m(z, u) [F^(m), B^(m), Q^(m)],
+                      alpha = softmax(g(z, u))   (neural linearisation, M base matrices; Eq. 10)
+    a_t ~ N(H z_t, R)        time-invariant; H learned, fixed, or the rectangular identity
+                             (a_t = first D_a coordinates of z_t: disentangling; Eqs. 12, 14)
+    x_t ~ p_theta(x_t | a_t)                          (decoder: Bernoulli logits or Gaussian)
+
+``Q^(m) = L_m L_m^T + q_min I`` (``L_m`` lower triangular, positive diagonal), so every
+``Q(z, u)`` is positive definite.
+
+**Inference** (Eq. 13). An encoder ``q_phi(a_t | x_t)`` proposes the auxiliary variables; the
+latent path given ``a`` is found by an extended Kalman filter without Taylor expansion
+(App. A.5): the prediction step uses the learned linearisation *at the filtered mean*,
+
+    [F_t, B_t, Q_t] = [F, B, Q](m_t, u_t),
+    m_{t+1}^- = F_t m_t + B_t u_t,   P_{t+1}^- = F_t P_t F_t^T + Q_t,
+
+and the update step is the exact Kalman update with the linear ``p(a_t | z_t)``. With the
+dynamics fixed at those points the model is a time-varying LGSSM whose Kalman filter *is* the
+EKF, and whose dense RTS smoother (:func:`inference.kalman.smoother`; here its backward
+conditionals composed from the EKF's beliefs, :func:`extended_kalman_smoother`) is the extended
+smoother. ``model.structure(a, ...)`` returns the linearised LGSSM, so
+:func:`inference.guides.auxiliary` (wrapped by :func:`ekvae_guide`) is the recognition model
+``q(a | x) p(z | a)``.
+
+**Bound** (Eqs. 15-18, ``smoother`` version; the ``filter`` version of App. A.6 replaces the
+smoothed marginals ``q_t`` by the filtered ``f_t`` and its log-ratio term vanishes):
+
+    log p(x) >= E_{q(a|x)}[sum_t log p(x_t | a_t) - sum_t log q(a_t | x_t) + L(a)],  where
+    L(a) = E_{q_0}[log p(a_0 | z_0) + log p(z_0) - log q_0(z_0)]                     (Eq. 18)
+         + sum_{t>=1} E_{q_{t-1}}[log p(a_t | z_{t-1}, u_{t-1}) + log f_{t-1}(z_{t-1})
+                                  - log q_{t-1}(z_{t-1})]                             (Eq. 17)
+    p(a_t | z_{t-1}, u) = N(H (F z_{t-1} + B u), H Q H^T + R)  (z_t integrated out in closed form)
+
+with ``[F, B, Q]`` evaluated at the *sample* ``z_{t-1}`` (so the transition network is trained on
+samples, not only at the filtered means, Sec. 4.3). Each ``t >= 1`` term is the Jensen bound of
+Eq. 16 on ``log p(a_t | a_{0:t-1})`` with the filtered distribution ``f_{t-1}`` standing in for
+``p(z_{t-1} | a_{0:t-1})``: exact for a linear model, whose gap is then
+``KL(q_{t-1} || p(z_{t-1} | a_{0:t}))`` (checked in ``tests/test_ekvae.py``); for the nonlinear
+model ``f_{t-1}`` is the EKF approximation (Sec. 4.2: "generally not optimal"). With the VHP,
+``log p(z_0)`` is replaced by ``F_VHP(z_0)`` (:func:`inference.objectives.vhp_bound`); the
+filter's initial belief stays the Gaussian ``N(m0, P0)`` (learned), which then only places the
+recognition model. Distortion ``D = -sum_t log p(x_t | a_t)`` (Eq. 15), rate ``R`` the rest:
+:class:`EKVAEBound` is a :class:`inference.objectives.RateDistortion`, to train as is (the bound)
+or under :class:`inference.objectives.ConstrainedELBO` / ``AnnealedELBO``. ``analytic=True``
+takes ``E_q[log q - log f]``, ``E_q[log q_0 - log p(z_0)]`` as closed-form KLs; the
+``log p(a_t | z_{t-1})`` terms are always single-sample estimates.
+
+Missing steps (``mask`` ``(B, T)`` false) skip the Kalman update and drop their ``a_t`` terms
+(``x_t``, ``q(a_t | x_t)``, ``p(a_t | .)`` and the ``z_{t-1}`` log-ratio of the same term).
+
+The model is also an ordinary NumPyro program (sites ``z_0``, ``z``, ``a``, ``obs``, and
+``zeta`` with the VHP), so ``Trace_ELBO`` with :func:`ekvae_guide` gives the standard sequential
+ELBO (pairwise-smoothed samples) and ``Predictive`` generates sequences.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from flax import nnx
+from numpyro import handlers
+from numpyro.contrib.control_flow import scan
+
+from inference import kalman
+from inference.guides.auxiliary import GaussianEncoder, auxiliary
+from inference.objectives.constrained import RateDistortionELBO
+from inference.objectives.vhp import VHP, sample_posterior, sample_prior, vhp_bound
+
+from . import nets
+from .core import Structure, check_inputs, linear_gaussian
+from .lgssm import _covariance
+
+_LOG_2PI = math.log(2.0 * math.pi)
+Transition = Callable[[jax.Array, jax.Array | None], tuple[jax.Array, jax.Array | None, jax.Array]]
+
+
+class NeuralLinearisation(nnx.Module):
+    """``(z, u) -> (F, B, Q)``: softmax-weighted base matrices (Eqs. 9-10).
+
+    Args:
+        latent_dim, action_dim: ``d`` and ``u`` (``u = 0``: no actions, ``B`` is ``None``).
+        num_bases: ``M``.
+        hidden: hidden sizes of ``g`` (an :class:`pssm.nets.MLP` ``d + u -> M``).
+        F_init, B_init, Q_init: initial base matrices ``(M, d, d)``, ``(M, d, u)``,
+            ``(M, d, d)`` (or one matrix for all). Defaults: ``I + init_noise N(0, 1/d)``,
+            ``init_noise N(0, 1/u)`` and ``q_init I``.
+        q_min: floor of every ``Q^(m)`` (``Q_init`` must exceed it).
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        action_dim: int = 0,
+        num_bases: int = 8,
+        hidden: Sequence[int] = (64,),
+        *,
+        F_init=None,
+        B_init=None,
+        Q_init=None,
+        init_noise: float = 0.05,
+        q_init: float = 1e-2,
+        q_min: float = 1e-5,
+        activation=nnx.elu,
+        param_dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        d, u, M = latent_dim, action_dim, num_bases
+        if d < 1 or u < 0 or M < 1:
+            raise ValueError(f"need latent_dim >= 1, action_dim >= 0, num_bases >= 1: {d, u, M}")
+        dtype = param_dtype or nets.default_param_dtype()
+        self.g = nets.MLP(d + u, hidden, M, activation=activation, param_dtype=dtype, rngs=rngs)
+        kF, kB = jax.random.split(rngs.params())
+        if F_init is None:
+            noise = jax.random.normal(kF, (M, d, d), dtype) / math.sqrt(d)
+            F_init = jnp.eye(d, dtype=dtype) + init_noise * noise
+        self.F = nnx.Param(jnp.broadcast_to(jnp.asarray(F_init, dtype), (M, d, d)))
+        if u:
+            if B_init is None:
+                B_init = init_noise * jax.random.normal(kB, (M, d, u), dtype) / math.sqrt(u)
+            self.B = nnx.Param(jnp.broadcast_to(jnp.asarray(B_init, dtype), (M, d, u)))
+        else:
+            if B_init is not None:
+                raise ValueError("B_init given for a transition without actions (action_dim=0)")
+            self.B = None
+        Q_init = q_init * np.eye(d) if Q_init is None else Q_init
+        Q_init = np.broadcast_to(np.asarray(Q_init, np.float64), (M, d, d))
+        L = np.linalg.cholesky(np.asarray(Q_init) - q_min * np.eye(d))  # raises if Q_init <= q_min
+        diag = np.log(np.expm1(np.diagonal(L, 0, -2, -1)))  # inverse softplus
+        raw = np.tril(L, -1) + np.eye(d) * diag[..., None, :]
+        self.Q_raw = nnx.Param(jnp.asarray(raw, dtype))
+        self.latent_dim, self.action_dim, self.num_bases, self.q_min = d, u, M, q_min
+
+    def bases(self) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        """The base matrices ``F^(m)``, ``B^(m)`` (``None`` without actions), ``Q^(m)``."""
+        raw = self.Q_raw[...]
+        d = raw.shape[-1]
+        diag = jax.nn.softplus(jnp.diagonal(raw, axis1=-2, axis2=-1))
+        L = jnp.tril(raw, -1) + jnp.eye(d, dtype=raw.dtype) * diag[..., None, :]
+        Q = L @ jnp.swapaxes(L, -1, -2) + self.q_min * jnp.eye(d, dtype=raw.dtype)
+        return self.F[...], None if self.B is None else self.B[...], Q
+
+    def weights(self, z: jax.Array, u: jax.Array | None = None) -> jax.Array:
+        """``alpha(z, u) = softmax(g(z, u))``, ``(..., M)``."""
+        x = z if not self.action_dim else jnp.concatenate([z, u], axis=-1)
+        return jax.nn.softmax(self.g(x), axis=-1)
+
+    def __call__(self, z: jax.Array, u: jax.Array | None = None):
+        """``(F, B, Q)`` at ``z`` ``(..., d)`` and ``u`` ``(..., u)``: ``(..., d, d)``,
+        ``(..., d, u)`` or ``None``, ``(..., d, d)``."""
+        if self.action_dim and u is None:
+            raise ValueError("this transition takes actions: pass u")
+        alpha = self.weights(z, u)
+        F, B, Q = self.bases()
+        mix = lambda X: jnp.einsum("...m,mij->...ij", alpha, X)
+        return mix(F), None if B is None else mix(B), mix(Q)
+
+
+# ---- extended Kalman filter and the bound on log p(a) ----------------------------------------
+
+
+class EKFResult(NamedTuple):
+    """Output of :func:`extended_kalman_filter` (one sequence).
+
+    Attributes:
+        predicted: ``p(z_t | a_{0:t-1})``, ``(T, d)`` means and ``(T, d, d)`` covariances.
+        filtered: ``p(z_t | a_{0:t})``.
+        dynamics: ``(F_t, B_t u_t, Q_t)`` at the filtered means, leading axis ``T - 1``: the
+            linearised LGSSM (its Kalman filter reproduces ``filtered``).
+        log_likelihoods: ``log N(a_t; H m_t^-, H P_t^- H^T + R)`` per step (0 where missing).
+    """
+
+    predicted: kalman.Gaussian
+    filtered: kalman.Gaussian
+    dynamics: kalman.Dynamics
+    log_likelihoods: jax.Array
+
+
+def _apply_transition(transition: Transition, z, u):
+    """``(F, b = B u, F z + b, Q)`` of ``p(z' | z, u)`` (batched over leading axes)."""
+    F, B, Q = transition(z, u)
+    b = jnp.zeros_like(z) if B is None else jnp.einsum("...ij,...j->...i", B, u)
+    return F, b, jnp.einsum("...ij,...j->...i", F, z) + b, Q
+
+
+def _logdet(L):
+    """``log det(L L^T)`` of a Cholesky factor."""
+    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)), -1)
+
+
+def _kalman_update(pred: kalman.Gaussian, a, observed, H, R):
+    """Condition ``N(m, P)`` on ``a ~ N(H z, R)``: ``W = L^-1 H P`` with ``L L^T = H P H^T + R``,
+    ``m + W^T L^-1 (a - H m)``, ``P - W^T W``; and ``log N(a; H m, H P H^T + R)``. A missing
+    ``a`` (``observed`` false) leaves the belief unchanged and scores 0."""
+    m, P = pred
+    L = jnp.linalg.cholesky(H @ P @ H.T + R)
+    W = jax.scipy.linalg.solve_triangular(L, H @ P, lower=True)
+    v = jax.scipy.linalg.solve_triangular(L, a - H @ m, lower=True)
+    cov = P - W.T @ W
+    filt = kalman.Gaussian(m + W.T @ v, 0.5 * (cov + cov.T))
+    ll = -0.5 * (v @ v + _logdet(L) + a.shape[-1] * _LOG_2PI)
+    keep = lambda new, old: jnp.where(observed, new, old)
+    return jax.tree.map(keep, filt, pred), jnp.where(observed, ll, 0.0)
+
+
+def extended_kalman_filter(
+    transition: Transition,
+    prior: kalman.Gaussian,
+    H: jax.Array,
+    R: jax.Array,
+    a: jax.Array,
+    actions: jax.Array | None = None,
+    mask: jax.Array | None = None,
+) -> EKFResult:
+    """EKF with neural linearisation at the filtered means (module docstring), one sequence.
+
+    Args:
+        transition: ``(z, u) -> (F, B, Q)`` (e.g. a :class:`NeuralLinearisation`, registered).
+        prior: dense ``N(m0, P0)`` of ``z_0``.
+        H, R: ``(p_a, d)`` and ``(p_a, p_a)`` of ``a_t ~ N(H z_t, R)``.
+        a: ``(T, p_a)`` pseudo-observations.
+        actions: ``(T, u)`` or ``None``; ``actions[t]`` drives ``z_t -> z_{t+1}``.
+        mask: ``(T,)``, false where ``a_t`` is missing (a pure prediction step).
+    """
+    T = a.shape[0]
+    mask = jnp.ones(T, bool) if mask is None else jnp.asarray(mask).astype(bool)
+    u = jnp.zeros((T, 0), a.dtype) if actions is None else actions
+
+    def step(pred, xs):
+        a_t, m_t, u_t = xs
+        filt, ll = _kalman_update(pred, a_t, m_t, H, R)
+        F, b, mean, Q = _apply_transition(transition, filt.mean, None if actions is None else u_t)
+        cov = F @ filt.cov @ F.T + Q
+        return kalman.Gaussian(mean, 0.5 * (cov + cov.T)), (pred, filt, F, b, Q, ll)
+
+    _, (pred, filt, F, b, Q, lls) = jax.lax.scan(step, prior, (a, mask, u))
+    return EKFResult(pred, filt, kalman.Dynamics(F[:-1], b[:-1], Q[:-1]), lls)
+
+
+def extended_kalman_smoother(ekf: EKFResult) -> kalman.Gaussian:
+    """RTS smoothing of an EKF run with its linearised dynamics: the backward conditionals
+    ``q(z_t | z_{t+1}, a_{0:t}) = N(E_t z_{t+1} + g_t, L_t)`` of :func:`inference.kalman.
+    backward_conditionals`, composed from the last filtered belief backwards. Equals
+    :func:`inference.kalman.smoother` on the linearised LGSSM, without filtering again."""
+    back = kalman.backward_conditionals(ekf.filtered, ekf.dynamics)
+
+    def step(nxt, el):
+        E, g, L = el
+        cov = E @ nxt.cov @ E.T + L
+        cur = kalman.Gaussian(E @ nxt.mean + g, 0.5 * (cov + cov.T))
+        return cur, cur
+
+    last = kalman.Gaussian(ekf.filtered.mean[-1], ekf.filtered.cov[-1])
+    _, earlier = jax.lax.scan(step, last, back, reverse=True)
+    return jax.tree.map(lambda e, x: jnp.concatenate([e, x[None]]), earlier, last)
+
+
+def _logpdf(x, mean, cov):
+    """``log N(x; mean, cov)`` over the last axis (batched)."""
+    L = jnp.linalg.cholesky(cov)
+    r = jax.scipy.linalg.solve_triangular(L, (x - mean)[..., None], lower=True)[..., 0]
+    return -0.5 * (jnp.sum(r * r, -1) + _logdet(L) + x.shape[-1] * _LOG_2PI)
+
+
+def _kl(m1, P1, m2, P2):
+    """``KL(N(m1, P1) || N(m2, P2))`` (batched): ``tr(P2^-1 P1) = ||L2^-1 L1||_F^2``."""
+    L1, L2 = jnp.linalg.cholesky(P1), jnp.linalg.cholesky(P2)
+    M = jax.scipy.linalg.solve_triangular(L2, L1, lower=True)
+    r = jax.scipy.linalg.solve_triangular(L2, (m2 - m1)[..., None], lower=True)[..., 0]
+    d = m1.shape[-1]
+    return 0.5 * (jnp.sum(M * M, (-2, -1)) + jnp.sum(r * r, -1) - d + _logdet(L2) - _logdet(L1))
+
+
+def _entropy(P):
+    return 0.5 * (_logdet(jnp.linalg.cholesky(P)) + P.shape[-1] * (1.0 + _LOG_2PI))
+
+
+def auxiliary_bound(
+    key: jax.Array,
+    transition: Transition,
+    prior: kalman.Gaussian,
+    H: jax.Array,
+    R: jax.Array,
+    a: jax.Array,
+    actions: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    *,
+    posterior: str = "smoother",
+    log_prior: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    analytic: bool = True,
+) -> dict:
+    """One-sample estimate of ``L(a) <= log p(a_{0:T-1})`` (module docstring), one sequence.
+
+    Args:
+        key: PRNG key (the ``z`` samples, and ``log_prior``'s).
+        transition, prior, H, R, a, actions, mask: as :func:`extended_kalman_filter`.
+        posterior: ``"smoother"`` (``q_t = p(z_t | a_{0:T-1})``) or ``"filter"``
+            (``q_t = f_t``).
+        log_prior: ``(key, z_0) -> log p(z_0)`` or a lower bound of it (the VHP); ``None``:
+            the Gaussian ``prior``.
+        analytic: closed-form KLs and entropies where they exist.
+
+    Returns:
+        ``{"bound": scalar, "initial": scalar, "transition": (T-1,) log p(a_t | z_{t-1}) terms,
+        "posterior_kl": (T-1,) log q - log f terms}`` (masked terms are 0).
+    """
+    if posterior not in ("smoother", "filter"):
+        raise ValueError(f"posterior must be 'smoother' or 'filter', got {posterior!r}")
+    T = a.shape[0]
+    mask = jnp.ones(T, bool) if mask is None else jnp.asarray(mask).astype(bool)
+    ekf = extended_kalman_filter(transition, prior, H, R, a, actions, mask)
+    f = ekf.filtered
+    q = extended_kalman_smoother(ekf) if posterior == "smoother" else f
+    k_z, k_prior = jax.random.split(key)
+    eps = jax.random.normal(k_z, q.mean.shape, q.mean.dtype)
+    z = q.mean + jnp.einsum("tij,tj->ti", jnp.linalg.cholesky(q.cov), eps)
+    # initial term (Eq. 18)
+    z0, q0 = z[0], kalman.Gaussian(q.mean[0], q.cov[0])
+    initial = _logpdf(a[0], H @ z0, R)
+    if log_prior is None and analytic:
+        initial = initial - _kl(q0.mean, q0.cov, prior.mean, prior.cov)
+    else:
+        log_p0 = _logpdf(z0, *prior) if log_prior is None else log_prior(k_prior, z0)
+        neg_log_q0 = _entropy(q0.cov) if analytic else -_logpdf(z0, *q0)
+        initial = initial + log_p0 + neg_log_q0
+    # transition terms (Eqs. 16-17)
+    u_prev = None if actions is None else actions[:-1]
+    F, b, mean, Q = _apply_transition(transition, z[:-1], u_prev)
+    HQH = jnp.einsum("ij,tjk,lk->til", H, Q, H) + R
+    trans = _logpdf(a[1:], jnp.einsum("ij,tj->ti", H, mean), HQH)
+    if posterior == "filter":
+        ratio = jnp.zeros(T - 1, a.dtype)
+    elif analytic:
+        ratio = _kl(q.mean[:-1], q.cov[:-1], f.mean[:-1], f.cov[:-1])
+    else:
+        z_prev = z[:-1]
+        ratio = _logpdf(z_prev, q.mean[:-1], q.cov[:-1]) - _logpdf(z_prev, f.mean[:-1], f.cov[:-1])
+    initial = jnp.where(mask[0], initial, 0.0)
+    trans, ratio = jnp.where(mask[1:], trans, 0.0), jnp.where(mask[1:], ratio, 0.0)
+    bound = initial + jnp.sum(trans - ratio)
+    return {"bound": bound, "initial": initial, "transition": trans, "posterior_kl": ratio}
+
+
+# ---- the model --------------------------------------------------------------------------------
+
+
+class IntensityBernoulli(dist.Distribution):
+    """Bernoulli cross-entropy of intensities ``x in [0, 1]`` (e.g. anti-aliased grayscale
+    pixels): ``log p(x) = x log sigmoid(l) + (1 - x) log sigmoid(-l)`` (NumPyro's ``Bernoulli``
+    gives ``-inf`` off ``{0, 1}``). Not normalised on ``[0, 1]``; samples are binary."""
+
+    arg_constraints = {"logits": dist.constraints.real}
+    support = dist.constraints.unit_interval
+
+    def __init__(self, logits, *, validate_args=None):
+        self.logits = logits
+        super().__init__(jnp.shape(logits), validate_args=validate_args)
+
+    def sample(self, key, sample_shape=()):
+        shape = sample_shape + self.batch_shape
+        return jax.random.bernoulli(key, jax.nn.sigmoid(self.logits), shape).astype(
+            jnp.result_type(self.logits)
+        )
+
+    def log_prob(self, value):
+        return -jax.nn.softplus(-self.logits) * value - jax.nn.softplus(self.logits) * (1 - value)
+
+    @property
+    def mean(self):
+        return jax.nn.sigmoid(self.logits)
+
+
+def _per_step_mask(mask, n, T):
+    if mask is None:
+        return jnp.ones((n, T), bool)
+    mask = jnp.asarray(mask)
+    if mask.shape != (n, T):
+        raise ValueError(f"the EKVAE takes a per-step mask ({n}, {T}), got {mask.shape}")
+    return mask.astype(bool)
+
+
+def ekvae(
+    obs_dim: int,
+    aux_dim: int,
+    latent_dim: int,
+    *,
+    action_dim: int = 0,
+    num_bases: int = 8,
+    transition_hidden: Sequence[int] = (64,),
+    transition: NeuralLinearisation | None = None,
+    decoder_hidden: Sequence[int] = (128,),
+    decoder: nnx.Module | None = None,
+    likelihood: str = "bernoulli",
+    obs_var: float = 0.01,
+    learn_obs_var: bool = False,
+    H="identity",
+    learn_H: bool = False,
+    R=None,
+    learn_R: bool = True,
+    m0=None,
+    P0=None,
+    learn_initial: bool = True,
+    vhp_dim: int | None = None,
+    vhp_hidden: Sequence[int] = (64,),
+    seed: int = 0,
+):
+    """Build the EKVAE (module docstring).
+
+    Args:
+        obs_dim: ``p`` (flattened observations, e.g. 256 for 16x16 images).
+        aux_dim, latent_dim: ``D_a`` and ``D_z``.
+        action_dim: ``u`` (0: no actions).
+        num_bases, transition_hidden: ``M`` and the hidden sizes of ``g``.
+        transition: a prebuilt :class:`NeuralLinearisation` (overrides the two above).
+        decoder_hidden: hidden sizes of the decoder MLP ``a -> x`` (its output: Bernoulli
+            logits or the Gaussian mean); ``decoder``: a prebuilt NNX module instead.
+        likelihood: ``"bernoulli"`` (intensities in ``[0, 1]`` as cross-entropy) or
+            ``"gaussian"`` (variance ``obs_var``, the site ``"decoder_var"`` if learned).
+        H: ``"identity"`` (rectangular ``(D_a, D_z)``, Eq. 14; needs ``D_a <= D_z``) or a matrix;
+            the initial value if ``learn_H`` (site ``"H"``).
+        R: ``(D_a, D_a)`` noise of ``a`` (default ``0.1 I``), learned diagonal if ``learn_R``.
+        m0, P0: the filter's initial belief (and, without VHP, the prior of ``z_0``; default
+            ``0`` and ``I``); learned (``"m0"``, diagonal ``"P0"``) if ``learn_initial``.
+        vhp_dim: latent size of a VHP on ``z_0`` (``None``: the Gaussian prior); networks with
+            ``vhp_hidden`` (sites ``"vhp_prior"``, ``"vhp_posterior"``).
+        seed: initialisation of all networks.
+
+    Returns:
+        ``model(obs, actions=None, mask=None)``, a NumPyro program (sites ``z_0``, ``z``, ``a``,
+        ``obs``, and ``zeta`` with VHP; parameter sites ``transition``, ``decoder``, ...),
+        carrying ``structure`` (the EKF-linearised LGSSM given ``a``), ``bound`` (used by
+        :class:`EKVAEBound`), ``auxiliary_site``, ``auxiliary_dim``, ``obs_dim``,
+        ``latent_dim``, ``action_dim`` and the modules ``transition_net``, ``decoder_net``,
+        ``vhp``.
+    """
+    if min(obs_dim, aux_dim, latent_dim) < 1 or action_dim < 0:
+        raise ValueError(f"bad sizes: obs {obs_dim}, aux {aux_dim}, latent {latent_dim}, "
+                         f"actions {action_dim}")  # fmt: skip
+    if likelihood not in ("bernoulli", "gaussian"):
+        raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
+    rngs = nnx.Rngs(seed)
+    d, p_a, p, u = latent_dim, aux_dim, obs_dim, action_dim
+    if transition is None:
+        transition = NeuralLinearisation(d, u, num_bases, transition_hidden, rngs=rngs)
+    elif (transition.latent_dim, transition.action_dim) != (d, u):
+        raise ValueError("the transition's latent_dim/action_dim disagree with the model's")
+    if decoder is None:
+        decoder = nets.MLP(p_a, decoder_hidden, p, rngs=rngs)
+    vhp = None if vhp_dim is None else VHP(d, vhp_dim, vhp_hidden, rngs=rngs)
+    if isinstance(H, str):
+        if H != "identity":
+            raise ValueError(f"H must be 'identity' or a matrix, got {H!r}")
+        if p_a > d:
+            raise ValueError(f"the rectangular identity H needs aux_dim {p_a} <= latent_dim {d}")
+        H = jnp.eye(p_a, d)
+    H = jnp.asarray(H, dtype=float)
+    if H.shape != (p_a, d):
+        raise ValueError(f"H has shape {H.shape}, expected ({p_a}, {d})")
+    R = 0.1 * jnp.eye(p_a) if R is None else jnp.asarray(R, dtype=float)
+    m0 = jnp.zeros(d) if m0 is None else jnp.asarray(m0, dtype=float)
+    P0 = jnp.eye(d) if P0 is None else jnp.asarray(P0, dtype=float)
+
+    def parameters():
+        """``H, R, N(m0, P0)`` and the registered transition (shared by model, guide, bound)."""
+        H_ = numpyro.param("H", H) if learn_H else H
+        R_ = _covariance("R", R, "diagonal", learn_R)
+        m0_ = numpyro.param("m0", m0) if learn_initial else m0
+        P0_ = _covariance("P0", P0, "diagonal", learn_initial)
+        return H_, R_, kalman.Gaussian(m0_, P0_), nets.register("transition", transition)
+
+    def likelihood_fn():
+        decode = nets.register("decoder", decoder)
+        if likelihood == "bernoulli":
+            return lambda a: IntensityBernoulli(decode(a)).to_event(1)
+        var = obs_var
+        if learn_obs_var:
+            var = numpyro.param("decoder_var", jnp.asarray(obs_var, dtype=float),
+                                constraint=dist.constraints.positive)  # fmt: skip
+        return lambda a: dist.Normal(decode(a), jnp.sqrt(var)).to_event(1)
+
+    def check(obs, actions, mask):
+        check_inputs(obs, actions if u else None, mask, obs_dim=p, action_dim=u or None)
+        if not u and actions is not None:
+            raise ValueError("this EKVAE has no actions (action_dim=0) but was given actions")
+        if u and actions is None:
+            raise ValueError(f"this EKVAE takes actions: pass an array (B, T, {u})")
+        n, T = obs.shape[:2]
+        if T < 2:
+            raise ValueError(f"the EKVAE needs sequences of at least 2 steps, got T={T}")
+        return n, T, _per_step_mask(mask, n, T)
+
+    def filter_batch(transition_fn, prior, H_, R_, a, actions, observed):
+        run = lambda a_, u_, m_: extended_kalman_filter(transition_fn, prior, H_, R_, a_, u_, m_)
+        if actions is None:
+            return jax.vmap(lambda a_, m_: run(a_, None, m_))(a, observed)
+        return jax.vmap(run)(a, actions, observed)
+
+    def structure(a, actions=None, mask=None) -> Structure:
+        """The LGSSM linearised by the EKF at the filtered means, ``a`` as observations."""
+        n, T = a.shape[:2]
+        observed = _per_step_mask(mask, n, T)
+        H_, R_, prior, transition_fn = parameters()
+        ekf = filter_batch(transition_fn, prior, H_, R_, a, actions, observed)
+        batch = lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x)))
+        return Structure(
+            kalman.Gaussian(batch(prior.mean), batch(prior.cov)),
+            ekf.dynamics,
+            kalman.Emissions(a, batch(R_), observed, batch(H_)),
+        )
+
+    @linear_gaussian(structure, exact=False)
+    def model(obs, actions=None, mask=None):
+        n, T, observed = check(obs, actions, mask)
+        H_, R_, prior, transition_fn = parameters()
+        p_x = likelihood_fn()
+        with numpyro.plate("batch", n):
+            if vhp is None:
+                z0 = numpyro.sample("z_0", dist.MultivariateNormal(*prior))
+            else:
+                prior_fn = nets.register("vhp_prior", vhp.prior)
+                z0 = sample_prior(prior_fn, vhp.zeta_dim, (n,), site="z_0")
+
+        def step(z, u_t):
+            _, _, mean, Q = _apply_transition(transition_fn, z, u_t)
+            with numpyro.plate("batch", n):
+                z = numpyro.sample("z", dist.MultivariateNormal(mean, Q))
+            return z, z
+
+        u_seq = None if actions is None else jnp.moveaxis(actions[:, :-1], 1, 0)
+        _, zs = scan(step, z0, u_seq, length=T - 1)
+        z = jnp.concatenate([z0[:, None], jnp.moveaxis(zs, 0, 1)], axis=1)
+        clean = jnp.where(observed[..., None], obs, 0.0)
+        with numpyro.plate("batch", n):
+            p_a = dist.MultivariateNormal(jnp.einsum("ij,ntj->nti", H_, z), R_)
+            a = numpyro.sample("a", p_a.mask(observed).to_event(1))
+            numpyro.sample("obs", p_x(a).mask(observed).to_event(1), obs=clean)
+        return z
+
+    def bound(key, a, obs, actions=None, mask=None, *, posterior="smoother", analytic=True):
+        """``{"distortion": -sum log p(x|a), "log_p_a": sum L(a), ...}`` over the batch, at the
+        auxiliary sample ``a`` (inside a NumPyro parameter context)."""
+        n, T, observed = check(obs, actions, mask)
+        H_, R_, prior, transition_fn = parameters()
+        clean = jnp.where(observed[..., None], obs, 0.0)
+        log_px = likelihood_fn()(a).log_prob(clean)  # (n, T)
+        distortion = -jnp.sum(jnp.where(observed, log_px, 0.0))
+        log_prior = None
+        if vhp is not None:
+            prior_fn = nets.register("vhp_prior", vhp.prior)
+            posterior_fn = nets.register("vhp_posterior", vhp.posterior)
+            log_prior = lambda k, z0: vhp_bound(k, prior_fn, posterior_fn, z0)
+        one = partial(auxiliary_bound, transition=transition_fn, prior=prior, H=H_, R=R_,
+                      posterior=posterior, log_prior=log_prior, analytic=analytic)  # fmt: skip
+        keys = jax.random.split(key, n)
+        if actions is None:
+            parts = jax.vmap(lambda k, a_, m_: one(k, a=a_, mask=m_))(keys, a, observed)
+        else:
+            parts = jax.vmap(lambda k, a_, u_, m_: one(k, a=a_, actions=u_, mask=m_))(
+                keys, a, actions, observed
+            )
+        return {
+            "distortion": distortion,
+            "log_p_a": jnp.sum(parts["bound"]),
+            "initial": jnp.sum(parts["initial"]),
+            "transition": jnp.sum(parts["transition"]),
+            "posterior_kl": jnp.sum(parts["posterior_kl"]),
+        }
+
+    model.bound = bound
+    model.auxiliary_site = "a"
+    model.auxiliary_dim = p_a
+    model.obs_dim = p
+    model.latent_dim = d
+    model.action_dim = u
+    model.transition_net, model.decoder_net, model.vhp = transition, decoder, vhp
+    model.parameters = parameters
+    return model
+
+
+def ekvae_guide(
+    model,
+    *,
+    encoder: nnx.Module | None = None,
+    hidden: Sequence[int] = (128,),
+    seed: int = 1,
+):
+    """The EKVAE recognition model ``q(a | x) p(z | a)`` (Eq. 13) as a NumPyro guide:
+    :func:`inference.guides.auxiliary` on the EKF-linearised structure, plus
+    ``zeta ~ q(zeta | z_0)`` when the model has a VHP.
+
+    Args:
+        model: an :func:`ekvae` model.
+        encoder: NNX module ``x -> (loc, scale)`` of ``a`` (default
+            :class:`inference.guides.auxiliary.GaussianEncoder` with ``hidden`` layers), site
+            ``"encoder"``.
+
+    Returns:
+        ``guide(obs, actions=None, mask=None)`` with attributes ``encoder`` and
+        ``encoder_name``.
+    """
+    if encoder is None:
+        encoder = GaussianEncoder(model.obs_dim, model.auxiliary_dim, hidden, rngs=nnx.Rngs(seed))
+    base = auxiliary(model, encoder=encoder, name="encoder")
+
+    def auxiliary_posterior(obs, actions=None, mask=None) -> dist.Distribution:
+        """``q(a | x)`` of the guide's site ``"a"`` (batch ``(B,)``, event ``(T, p_a)``), as
+        :func:`inference.guides.auxiliary` builds it."""
+        n, T = obs.shape[:2]
+        observed = _per_step_mask(mask, n, T)
+        loc, scale = nets.register("encoder", encoder)(jnp.where(observed[..., None], obs, 0.0))
+        return dist.Normal(loc, scale).to_event(1).mask(observed).to_event(1)
+
+    def guide(obs, actions=None, mask=None):
+        z = base(obs, actions, mask)
+        if model.vhp is not None:
+            posterior_fn = nets.register("vhp_posterior", model.vhp.posterior)
+            with numpyro.plate("batch", obs.shape[0]):
+                sample_posterior(posterior_fn, z[:, 0])
+        return z
+
+    guide.encoder, guide.encoder_name = encoder, "encoder"
+    guide.auxiliary_posterior = auxiliary_posterior
+    return guide
+
+
+def infer_latents(
+    model, guide, params: dict, obs, actions=None, mask=None, *, posterior: str = "smoother"
+) -> kalman.Gaussian:
+    """Posterior of ``z`` at the encoder means: smoothed (or filtered) means ``(B, T, d)`` and
+    covariances ``(B, T, d, d)``, with ``params`` the constrained parameters (e.g.
+    ``objective.constrain(state.params)``)."""
+    if posterior not in ("smoother", "filter"):
+        raise ValueError(f"posterior must be 'smoother' or 'filter', got {posterior!r}")
+    n, T = obs.shape[:2]
+    observed = _per_step_mask(mask, n, T)
+    with handlers.block(), handlers.substitute(data=params):
+        clean = jnp.where(observed[..., None], obs, 0.0)
+        loc, _ = nets.register(guide.encoder_name, guide.encoder)(clean)
+        s = model.structure(loc, actions, observed)
+    if posterior == "filter":
+        return jax.vmap(kalman.filter)(*s).filtered
+    return jax.vmap(kalman.smoother)(*s).smoothed
+
+
+class EKVAEBound(RateDistortionELBO):
+    """The EKVAE's bound (Eqs. 15-18) as a :class:`inference.objectives.RateDistortion`.
+
+    ``a ~ q(a | x)`` comes from ``guide.auxiliary_posterior`` (:func:`ekvae_guide`) or else from
+    the guide's auxiliary site (any guide with one; the rest of such a guide is traced and then
+    compiled away), scored by ``log q(a | x)``; the rest is ``model.bound``.
+
+    Args:
+        num_particles: independent ``(a, z)`` samples averaged.
+        posterior: ``"smoother"`` (Eq. 17) or ``"filter"`` (App. A.6).
+        analytic: closed-form KLs where they exist.
+        scale: multiplies ``D`` and ``R`` (e.g. ``N / B`` for a minibatch estimate of the
+            full-data bound).
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        *,
+        posterior: str = "smoother",
+        analytic: bool = True,
+        scale: float = 1.0,
+    ):
+        if posterior not in ("smoother", "filter"):
+            raise ValueError(f"posterior must be 'smoother' or 'filter', got {posterior!r}")
+        super().__init__(num_particles=num_particles)
+        self.posterior, self.analytic, self.scale = posterior, analytic, scale
+
+    def rate_distortion(self, rng_key, param_map, model, guide, *args, **kwargs) -> dict:
+        for attribute in ("bound", "auxiliary_site"):
+            if not hasattr(model, attribute):
+                raise TypeError(f"EKVAEBound needs an EKVAE model (no `{attribute}`)")
+        site = model.auxiliary_site
+
+        def particle(key):
+            k_guide, k_bound = jax.random.split(key)
+            if hasattr(guide, "auxiliary_posterior"):
+                with handlers.block(), handlers.substitute(data=param_map):
+                    q = guide.auxiliary_posterior(*args, **kwargs)
+                a = q.rsample(k_guide)
+                log_q = jnp.sum(q.log_prob(a))
+            else:
+                with handlers.block():
+                    seeded = handlers.seed(handlers.substitute(guide, data=param_map), k_guide)
+                    tr = handlers.trace(seeded).get_trace(*args, **kwargs)
+                a = tr[site]["value"]
+                log_q = jnp.sum(tr[site]["fn"].log_prob(a))
+            with handlers.block(), handlers.substitute(data=param_map):
+                out = model.bound(k_bound, a, *args, posterior=self.posterior,
+                                  analytic=self.analytic, **kwargs)  # fmt: skip
+            return {"distortion": out["distortion"], "rate": log_q - out["log_p_a"],
+                    "rate_initial": -out["initial"], "rate_transition": -out["transition"],
+                    "posterior_kl": out["posterior_kl"], "log_q_a": log_q}  # fmt: skip
+
+        keys = jax.random.split(rng_key, self.num_particles)
+        out = jax.tree.map(lambda x: self.scale * jnp.mean(x, 0), jax.vmap(particle)(keys))
+        D, R = out.pop("distortion"), out.pop("rate")
+        return {"distortion": D, "rate": R, "metrics": out}
