@@ -82,3 +82,34 @@ def test_cli_runs_and_reports_against_random(tmp_path, capsys):
     assert summary["variant"] is None and summary["env_steps"] == 1000
     with pytest.raises(SystemExit):
         main(["run", "--resume"])  # resuming needs the run directory
+
+
+def test_sigkilled_run_resumes_to_the_same_steps_with_no_replay_lost(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["--agent", "random", "--variant", "none", "--env-steps", "4000", "--eval-episodes",
+            "1", "--eval-every", "100000", "--checkpoint-every", "1", "--no-progress"]  # fmt: skip
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "rl", *args, "--run-dir", str(killed)])
+    deadline = time.time() + 300
+    while checkpoint.latest(killed / "checkpoints") is None:  # killed right after its first
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    from rl.cli import main
+
+    main(["run", *args, "--run-dir", str(killed), "--resume"])
+    main(["run", *args, "--run-dir", str(tmp_path / "straight")])
+    done = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("killed", "straight")]
+    assert done[0] == done[1] and done[0]["steps"] == 500
+    replays = [Replay.load(checkpoint.latest(tmp_path / d / "checkpoints") / "replay.npz")
+               for d in ("killed", "straight")]  # fmt: skip
+    assert replays[0].num_episodes == replays[1].num_episodes == 4
+    for i in range(4):
+        np.testing.assert_array_equal(replays[0].episode(i)["actions"],
+                                      replays[1].episode(i)["actions"])  # fmt: skip
