@@ -1,4 +1,4 @@
-"""The recurrent state space model (RSSM) of PlaNet and Dreamer, for low-dimensional observations.
+"""The recurrent state space model (RSSM) of PlaNet and Dreamer, on vectors and images.
 
 A deterministic state ``h_t`` (size ``deter``) carries the past through a GRU; a stochastic
 state ``z_t`` (size ``stoch``) is drawn from a diagonal Gaussian given ``h_t`` (Hafner et al.
@@ -8,12 +8,31 @@ state ``z_t`` (size ``stoch``) is drawn from a diagonal Gaussian given ``h_t`` (
     z_t ~ N(mu(h_t), diag(sigma^2(h_t)))                                         (prior)
     o_t^(k) ~ N(dec_k([h_t, z_t]), diag(sigma_k^2))                              unless masked
 
-(``sigma^2 = softplus + min_var``, Dreamer's minimum standard deviation 0.1 by default). The
-posterior of the RSSM, ``q(z_t | h_t, o_t)`` with ``h_t`` recomputed from the posterior's own
-samples, is the amortised filtering guide :func:`inference.guides.filtering`; it reaches the
-deterministic path through ``model.deterministic`` and nothing else. Trained with
-``TraceMeanField_ELBO``, each step contributes ``KL(q(z_t | h_t, o_t) || p(z_t | h_t))`` in
-closed form: the RSSM objective.
+(``sigma^2 = softplus + min_var``, Dreamer's minimum standard deviation 0.1 by default). A
+modality is a vector ``(B, T, p)`` (MLP decoder) or an image ``(B, T, H, W, C)``: a
+:class:`pssm.layers.ConvDecoder` (upsample + conv) predicts the mean of every pixel, with unit
+variance in the preprocessed scale (PlaNet/Dreamer); ``uint8`` images are mapped to
+``[-0.5, 0.5]`` at ``image_bits`` colour depth (:func:`pssm.layers.preprocess_image`; 5 bits as
+PlaNet and VRKN), float images are taken as already mapped.
+
+The posterior of the RSSM, ``q(z_t | h_t, o_t)`` with ``h_t`` recomputed from the posterior's
+own samples, is the amortised filtering guide (:func:`inference.guides.filtering` for vectors,
+:func:`inference.guides.rssm_filtering.rssm_filtering` with a conv encoder for images); its
+smoothing variant ``q(z_t | h_t, o_{t:T})`` is :mod:`inference.guides.smoothing_rssm`. Guides
+reach the deterministic path through ``model.deterministic`` and nothing else. Trained with
+``TraceMeanField_ELBO``, each step contributes ``KL(q(z_t | ...) || p(z_t | h_t))`` in closed
+form: the RSSM objective.
+
+Monte-Carlo dropout (``mc_dropout`` rate ``r > 0``; Gal & Ghahramani 2016, the "MCD-RSSM" of
+Becker & Neumann 2022, Sec. 4.1): inverted dropout after every hidden layer of the input MLP
+of the deterministic path and of the prior network. Inside the program the masks come from the
+latent site ``"<name>_dropout"`` ``(B, T, 2 sum(hidden))`` ``~ U(0, 1)`` (keep where
+``u >= r``; entry ``t`` drives the step into ``h_t`` and the prior of ``z_t``), drawn only
+when the program runs under a ``seed`` handler (a key is available). A guide that computes the
+deterministic path draws the site through ``model.dropout_noise`` and the model replays it, so
+model and guide use one set of masks (one forward pass, as in a single network); its
+variational distribution is its prior and it adds exactly 0 to the ELBO. Outside the program
+(agents' ``imagine``) the masks come from an explicit key: every key samples other dynamics.
 
 Sites (conventions in :mod:`pssm.core`): ``"z_0"`` ``(B, stoch)`` and ``"z"``
 ``(T-1, B, stoch)`` (a NumPyro ``scan``, the plate ``"batch"`` inside its body), the
@@ -22,6 +41,7 @@ modality of a dict. The model returns the features ``[h_t, z_t]`` ``(B, T, deter
 """
 
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,18 +52,72 @@ from numpyro.contrib.control_flow import scan
 
 from . import nets
 from .core import gaussian
+from .layers import ConvDecoder, MCDropout, preprocess_image
 from .locally_linear import gaussian_observations, modalities, observation_sites, prepare_inputs
 
 
-class DeterministicPath(nnx.Module):
-    """``h_t = GRU(h_{t-1}, act(W [z_{t-1}, a_{t-1}] + c))``, the RSSM's deterministic path."""
+def _dropout_mlp(mlp: nets.MLP, x, dropout: MCDropout, key=None, noise=None):
+    """``mlp(x)`` with ``dropout`` after every hidden activation; masks from ``key`` or from
+    uniform ``noise`` ``(..., sum of hidden widths)``; neither (or rate 0): ``mlp(x)`` exactly."""
+    n = mlp.num_hidden
+    keys = [None] * n if key is None else list(jax.random.split(key, n))
+    widths = [getattr(mlp, f"layer{i}").out_features for i in range(n)]
+    if noise is not None:
+        if noise.shape[-1] != sum(widths):
+            raise ValueError(f"dropout noise has {noise.shape[-1]} entries, expected {sum(widths)}")
+        cuts = [sum(widths[:i]) for i in range(n + 1)]
+        noises = [noise[..., cuts[i] : cuts[i + 1]] for i in range(n)]
+    else:
+        noises = [None] * n
+    for i in range(n):
+        x = mlp.activation(getattr(mlp, f"layer{i}")(x))
+        x = dropout(x, keys[i], noise=noises[i])
+    return x if mlp.out is None else mlp.out(x)
 
-    def __init__(self, stoch: int, action_dim: int, deter: int, hidden: Sequence[int], *, rngs):
+
+class DeterministicPath(nnx.Module):
+    """``h_t = GRU(h_{t-1}, act(W [z_{t-1}, a_{t-1}] + c))``, the RSSM's deterministic path,
+    with optional MC dropout after the hidden layers (masks from ``key`` or ``noise``)."""
+
+    def __init__(
+        self,
+        stoch: int,
+        action_dim: int,
+        deter: int,
+        hidden: Sequence[int],
+        *,
+        rate: float = 0.0,
+        rngs,
+    ):
         self.inputs = nets.MLP(stoch + action_dim, hidden, rngs=rngs)
         self.gru = nets.GRU(self.inputs.out_features, deter, rngs=rngs)
+        self.dropout = MCDropout(rate)
+        self.noise_size = sum(hidden)
 
-    def __call__(self, h_prev: jax.Array, z_prev: jax.Array, a_prev: jax.Array) -> jax.Array:
-        return self.gru(h_prev, self.inputs(jnp.concatenate([z_prev, a_prev], axis=-1)))
+    def __call__(self, h_prev, z_prev, a_prev, key=None, *, noise=None) -> jax.Array:
+        x = jnp.concatenate([z_prev, a_prev], axis=-1)
+        return self.gru(h_prev, _dropout_mlp(self.inputs, x, self.dropout, key, noise))
+
+
+class Prior(nets.GaussianMLP):
+    """``h -> (mu, sigma^2)`` of ``p(z_t | h_t)``: :class:`pssm.nets.GaussianMLP` (same weights
+    and layout) with optional MC dropout after its hidden layers."""
+
+    def __init__(self, deter, hidden, stoch, *, min_var, rate: float = 0.0, rngs):
+        super().__init__(deter, hidden, stoch, min_var=min_var, rngs=rngs)
+        self.dropout = MCDropout(rate)
+        self.noise_size = sum(hidden)
+
+    def __call__(self, h, key=None, *, noise=None) -> tuple[jax.Array, jax.Array]:
+        return self.head(_dropout_mlp(self.trunk, h, self.dropout, key, noise))
+
+
+class DropoutNoise(NamedTuple):
+    """Uniform dropout noise of one sequence batch: ``path`` ``(B, T, n)`` for the step into
+    ``h_t`` (entry 0 unused) and ``prior`` ``(B, T, n)`` for ``p(z_t | h_t)``."""
+
+    path: jax.Array
+    prior: jax.Array
 
 
 def score_rewards(rewards: jax.Array, features: jax.Array, head) -> None:
@@ -58,8 +132,14 @@ def score_rewards(rewards: jax.Array, features: jax.Array, head) -> None:
         numpyro.sample("reward", dist.Normal(mean, 1.0).to_event(1), obs=rewards[:, :-1])
 
 
+def is_image(shape) -> bool:
+    """Whether a modality's shape (from :func:`pssm.locally_linear.modalities`) is an image
+    ``(H, W, C)``."""
+    return isinstance(shape, tuple) and len(shape) == 3
+
+
 def rssm(
-    obs_dim: int | Mapping[str, int],
+    obs_dim: int | tuple[int, ...] | Mapping[str, int | tuple[int, ...]],
     action_dim: int = 0,
     stoch: int = 30,
     deter: int = 200,
@@ -70,21 +150,31 @@ def rssm(
     learn_obs_var: bool = False,
     min_obs_var: float = 0.01,
     reward: bool = False,
+    mc_dropout: float = 0.0,
+    conv_depth: int = 32,
+    image_bits: int = 5,
     name: str = "rssm",
     seed: int = 0,
 ):
     """Build an RSSM (equations in the module docstring).
 
     Args:
-        obs_dim: observation size ``p``, or ``{modality: p_k}`` for several modalities.
+        obs_dim: one modality's shape (``p`` for vectors ``(B, T, p)``, ``(H, W, C)`` for images
+            ``(B, T, H, W, C)``, H and W multiples of 16), or ``{modality: shape}``.
         action_dim: ``u`` (``0``: no actions).
         stoch, deter: sizes of ``z_t`` and ``h_t`` (PlaNet/Dreamer: 30 and 200).
         hidden: width of the one hidden layer of each network, or a sequence of widths.
         min_var: floor of the prior variance.
         obs_var, learn_obs_var, min_obs_var: decoder variance ``sigma_k^2``, fixed (Dreamer's
-            unit-variance Gaussian) or learned per modality and feature above ``min_obs_var``.
+            unit-variance Gaussian) or learned per modality and entry above ``min_obs_var``.
+        reward: add a reward head (``model.reward``; scored when ``rewards`` are passed).
+        mc_dropout: MC-dropout rate in the deterministic path's input MLP and the prior network
+            (``0``: none; the model is then exactly the one without the option).
+        conv_depth: channel multiplier of the image decoders (PlaNet/Dreamer: 32).
+        image_bits: colour depth integer images are reduced to (:func:`preprocess_image`).
         name: prefix of the parameter sites ``"<name>_deterministic$params"``,
-            ``"<name>_prior$params"``, ``"<name>_decoder_<modality>$params"``.
+            ``"<name>_prior$params"``, ``"<name>_decoder_<modality>$params"``,
+            ``"<name>_reward$params"`` and of the dropout site ``"<name>_dropout"``.
         seed: initialisation of the network weights.
 
     Returns:
@@ -92,42 +182,96 @@ def rssm(
 
         * ``model.deterministic()``: registers the deterministic path's parameter sites (the
           model's own: a guide calling it shares them) and returns the pure function
-          ``(h_prev, z_prev, a_prev) -> h``. Call it outside any ``scan`` and use the function
-          inside; ``a_prev`` is ``(..., 0)`` for a model without actions.
+          ``(h_prev, z_prev, a_prev, key=None, *, noise=None) -> h``. Call it outside any
+          ``scan`` and use the function inside; ``a_prev`` is ``(..., 0)`` for a model without
+          actions; ``key`` or ``noise`` (``dropout_noise(...).path[:, t]``) switch MC dropout on.
+        * ``model.prior()``: ``(h, key=None, *, noise=None) -> (mu, sigma^2)`` of
+          ``p(z_t | h_t)``; ``model.decoders()``: ``{modality: features -> mean}``;
+          ``model.reward()``: ``features (..., F) -> (...)``.
+        * ``model.dropout_noise(B, T)``: samples the site ``"<name>_dropout"`` and returns a
+          :class:`DropoutNoise`, or ``None`` (no dropout, or no key available); a guide that
+          recomputes ``h`` calls it so that model and guide share the masks.
+        * ``model.preprocess(obs)``: integer images to floats (what the networks see).
         * ``model.latent_dim`` (``stoch``), ``model.deterministic_size`` (``deter``),
-          ``model.feature_size`` (``deter + stoch``), ``model.action_dim``, ``model.obs_dims``.
+          ``model.feature_size`` (``deter + stoch``), ``model.action_dim``, ``model.obs_dims``,
+          ``model.mc_dropout`` (the rate).
     """
     dims, u = modalities(obs_dim), int(action_dim)
+    for k, s in dims.items():
+        if not (isinstance(s, int) or is_image(s)):
+            raise ValueError(f"modality {k!r} has shape {s}: the RSSM takes p or (H, W, C)")
+    rate = float(mc_dropout)
     widths = (int(hidden),) if isinstance(hidden, int) else tuple(int(h) for h in hidden)
     rngs = nnx.Rngs(seed)
-    path = DeterministicPath(stoch, u, deter, widths, rngs=rngs)
-    prior = nets.GaussianMLP(deter, widths, stoch, min_var=min_var, rngs=rngs)
-    decoders = {k: nets.MLP(deter + stoch, widths, p, rngs=rngs) for k, p in dims.items()}
-    reward_head = nets.MLP(deter + stoch, widths, 1, rngs=rngs) if reward else None
+    path = DeterministicPath(stoch, u, deter, widths, rate=rate, rngs=rngs)
+    prior = Prior(deter, widths, stoch, min_var=min_var, rate=rate, rngs=rngs)
+    F = deter + stoch
+    decoders = {
+        k: ConvDecoder(F, s, depth=conv_depth, rngs=rngs)
+        if is_image(s)
+        else nets.MLP(F, widths, s, rngs=rngs)
+        for k, s in dims.items()
+    }
+    reward_head = nets.MLP(F, widths, 1, rngs=rngs) if reward else None
     sites = observation_sites(obs_dim)
+
+    def preprocess(obs):
+        """Integer images -> floats in ``[-0.5, 0.5]`` (any leading axes); the rest as given."""
+
+        def one(k, o):
+            o = jnp.asarray(o) if k in dims and is_image(dims[k]) else o
+            if k in dims and is_image(dims[k]) and jnp.issubdtype(o.dtype, jnp.integer):
+                return preprocess_image(o, image_bits)
+            return o
+
+        if isinstance(obs, Mapping):
+            return {k: one(k, o) for k, o in obs.items()}
+        return one("obs", obs)
 
     def deterministic():
         return nets.register(f"{name}_deterministic", path)
 
+    def prior_fn():
+        """Register the prior network; returns ``h -> (mu, sigma^2)`` of ``p(z_t | h_t)``."""
+        return nets.register(f"{name}_prior", prior)
+
+    def dropout_noise(B: int, T: int) -> DropoutNoise | None:
+        if not rate or numpyro.prng_key() is None:
+            return None
+        n = path.noise_size
+        with numpyro.plate("batch", B):
+            u_ = numpyro.sample(
+                f"{name}_dropout",
+                MCDropout.noise_distribution((T, n + prior.noise_size)).to_event(2),
+            )
+        return DropoutNoise(u_[..., :n], u_[..., n:])
+
     def model(obs, actions=None, mask=None, rewards=None):
-        x = prepare_inputs(obs_dim, u, obs, actions, mask)
+        x = prepare_inputs(obs_dim, u, preprocess(obs), actions, mask)
         B, T = x.mask.shape[:2]
         step = deterministic()
-        prior_net = nets.register(f"{name}_prior", prior)
+        prior_net = prior_fn()
+        drop = dropout_noise(B, T)
         h0 = jnp.zeros((B, deter), nets.default_param_dtype())
         with numpyro.plate("batch", B):
-            z0 = numpyro.sample("z_0", gaussian(*prior_net(h0)))
+            z0 = numpyro.sample(
+                "z_0", gaussian(*prior_net(h0, noise=None if drop is None else drop.prior[:, 0]))
+            )
         a_prev = jnp.zeros((B, T, 0), h0.dtype) if x.actions is None else x.actions
         a_prev = jnp.moveaxis(a_prev[:, :-1], 1, 0)  # (T-1, B, u): a_{t-1} for t = 1..T-1
+        noise = None if drop is None else jax.tree.map(lambda v: jnp.moveaxis(v[:, 1:], 1, 0), drop)
 
-        def transition(carry, a):
+        def transition(carry, xs):
             h, z = carry
-            h = step(h, z, a)
+            a, n = xs
+            h = step(h, z, a, noise=None if n is None else n.path)
             with numpyro.plate("batch", B):
-                z = numpyro.sample("z", gaussian(*prior_net(h)))
+                z = numpyro.sample(
+                    "z", gaussian(*prior_net(h, noise=None if n is None else n.prior))
+                )
             return (h, z), (h, z)
 
-        _, (hs, zs) = scan(transition, (h0, z0), a_prev)
+        _, (hs, zs) = scan(transition, (h0, z0), (a_prev, noise))
         h = jnp.concatenate([h0[:, None], jnp.moveaxis(hs, 0, 1)], axis=1)
         z = jnp.concatenate([z0[:, None], jnp.moveaxis(zs, 0, 1)], axis=1)
         numpyro.deterministic("h", h)
@@ -152,12 +296,12 @@ def rssm(
         """Register the decoders; returns ``{modality: features (..., F) -> mean}``."""
         return {k: nets.register(f"{name}_decoder_{k}", decoders[k]) for k in dims}
 
-    def prior_fn():
-        """Register the prior network; returns ``h -> (mu, sigma^2)`` of ``p(z_t | h_t)``."""
-        return nets.register(f"{name}_prior", prior)
-
     model.reward, model.decoders, model.prior = reward_fn, decoder_fns, prior_fn
-    model.deterministic = deterministic
-    model.latent_dim, model.deterministic_size, model.feature_size = stoch, deter, deter + stoch
-    model.action_dim, model.obs_dims = u, dims
+    model.deterministic, model.dropout_noise, model.preprocess = (
+        deterministic,
+        dropout_noise,
+        preprocess,
+    )
+    model.latent_dim, model.deterministic_size, model.feature_size = stoch, deter, F
+    model.action_dim, model.obs_dims, model.mc_dropout = u, dims, rate
     return model

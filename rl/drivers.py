@@ -201,6 +201,79 @@ def world_model_trainer(wm: WorldModel, cfg, example_batch):
     return init, train, batch, seq_len
 
 
+def model_report(wm: WorldModel, context_fraction: float = 0.5):
+    """``report(state, replay, run_dir)``: reconstructions (decoded filtered beliefs) and
+    open-loop predictions (decoded ``imagine`` rollouts under the recorded actions from the
+    belief after the first half of a replayed episode window) against the truth, as
+    ``model_predictions.png`` and ``model_report.json`` (per-step open-loop MSE)."""
+
+    def report(state, replay, run_dir):
+        import json as _json
+        from pathlib import Path
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from inference.evaluation import world_model_predict
+
+        if wm.decode is None or replay.num_episodes == 0:
+            return
+        params = wm.objective.constrain(state.model.params)
+        length = min(50, min(len(replay.episode(i)["rewards"]) for i in range(replay.num_episodes)))
+        batch = _model_batch(replay.sample_sequences(1, length), jnp.result_type(float))
+        obs, actions, mask = batch["obs"], jnp.asarray(batch["actions"]), batch["mask"]
+        key = jax.random.key(0)
+        beliefs = filter_sequence(wm, params, key, obs, actions, mask)
+        recon = wm.decode(params, wm.features(params, beliefs))
+        c = max(1, int(length * context_fraction))
+        start = jax.tree.map(lambda v: v[:, c - 1], beliefs)
+        pred = world_model_predict(wm)(params, key, start, actions[:, c - 1 : length - 1])
+        if isinstance(obs, Mapping):  # several modalities: report the image, else the first
+            name = "image" if "image" in obs else next(iter(obs))
+            obs, recon, pred = obs[name], recon[name], pred[name]
+        truth = np.asarray(obs, np.float64)
+        if truth.ndim == 5:  # images: uint8 truth, decoded means in [-0.5, 0.5]
+            from pssm.layers import preprocess_image
+
+            truth = np.asarray(preprocess_image(jnp.asarray(obs)), np.float64)
+        recon, pred = np.asarray(recon, np.float64), np.asarray(pred, np.float64)
+        mse = ((pred[0] - truth[0, c:]) ** 2).reshape(length - c, -1).mean(-1)
+        Path(run_dir, "model_report.json").write_text(_json.dumps({
+            "context": c, "open_loop_mse_per_step": mse.tolist(),
+            "reconstruction_mse": float(((recon[0] - truth[0]) ** 2).mean()),
+        }, indent=1))  # fmt: skip
+        path = Path(run_dir, "model_predictions.png")
+        if truth.ndim == 5:
+            from inference.evaluation import save_image_grid
+
+            step = max(1, length // 12)
+            rows = [
+                truth[0, ::step] + 0.5,
+                recon[0, ::step] + 0.5,
+                np.concatenate([np.full_like(truth[0, :c], np.nan), pred[0]])[::step] + 0.5,
+            ]
+            save_image_grid(path, rows, ["truth", "filtered", "open loop"])  # fmt: skip
+            return
+        dims = min(4, truth.shape[-1])
+        fig, axes = plt.subplots(dims, 1, figsize=(6, 1.6 * dims), squeeze=False)
+        t = np.arange(length)
+        for i in range(dims):
+            ax = axes[i, 0]
+            ax.plot(t, truth[0, :, i], "k-", lw=1, label="observed")
+            ax.plot(t, recon[0, :, i], "C0--", lw=1, label="filtered, decoded")
+            ax.plot(t[c:], pred[0, :, i], "C1-", lw=1, label="open loop")
+            ax.axvline(c - 0.5, color="grey", lw=0.5)
+        axes[0, 0].legend(fontsize=7, loc="best")
+        axes[-1, 0].set_xlabel("agent step")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    return report
+
+
 def sac_belief_driver(cfg, wm: WorldModel, example_batch) -> Driver:
     from .agents.sac import SACConfig, belief_transitions, sac, sample_batches
 
@@ -248,7 +321,7 @@ def sac_belief_driver(cfg, wm: WorldModel, example_batch) -> Driver:
     def policy(state, key, explore):
         return Policy(jsteps[explore], state, None, key, wm.action_dim)
 
-    return Driver(init, policy, train, _no_report, True)
+    return Driver(init, policy, train, model_report(wm), True)
 
 
 def _stack(batch: dict, groups: int) -> dict:
@@ -303,7 +376,7 @@ def dreamer_driver(cfg, wm: WorldModel, example_batch) -> Driver:
     def policy(state, key, explore):
         return Policy(jsteps[explore], state, None, key, wm.action_dim)
 
-    return Driver(init, policy, train, _no_report, True)
+    return Driver(init, policy, train, model_report(wm), True)
 
 
 def planet_driver(cfg, wm: WorldModel, example_batch) -> Driver:
@@ -330,7 +403,7 @@ def planet_driver(cfg, wm: WorldModel, example_batch) -> Driver:
     def policy(state, key, explore):
         return Policy(jsteps[explore], state, None, key, wm.action_dim)
 
-    return Driver(init, policy, train, _no_report, True)
+    return Driver(init, policy, train, model_report(wm), True)
 
 
 # ----------------------------------------------------------------------------- factory
@@ -348,15 +421,14 @@ def make_world_model(cfg, env) -> WorldModel:
     if cfg.model == "rssm":
         from .world_models.rssm import rssm_world_model
 
-        if not isinstance(dims, int) and not (
-            isinstance(dims, Mapping) and all(isinstance(v, int) for v in dims.values())
-        ):
-            raise ValueError("the RSSM world model takes vector observations (obs='states')")
         stoch, deter, hidden = (30, 200, 200) if gpu else (
             int(_override(cfg, "stoch", 16)), int(_override(cfg, "deter", 64)),
             int(_override(cfg, "model_hidden", 64)),
         )  # fmt: skip
-        return rssm_world_model(dims, u, stoch=stoch, deter=deter, hidden=hidden, seed=cfg.seed)
+        return rssm_world_model(
+            dims, u, stoch=stoch, deter=deter, hidden=hidden, seed=cfg.seed,
+            conv_depth=int(_override(cfg, "conv_depth", 32 if gpu else 16)),
+        )  # fmt: skip
     latent = int(_override(cfg, "latent", 230 if gpu else 32))
     hidden = int(_override(cfg, "model_hidden", 300 if gpu else 64))
     mcd = bool(_override(cfg, "mc_dropout", True))

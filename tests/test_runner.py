@@ -113,3 +113,15 @@ def test_sigkilled_run_resumes_to_the_same_steps_with_no_replay_lost(tmp_path):
     for i in range(4):
         np.testing.assert_array_equal(replays[0].episode(i)["actions"],
                                       replays[1].episode(i)["actions"])  # fmt: skip
+
+
+@pytest.mark.parametrize("agent", ["dreamer", "planet"])
+def test_model_based_agents_run_and_report(tmp_path, agent):
+    summary = run(_cfg(agent, env_steps=1000, eval_every=10**9, updates=2), tmp_path,
+                  progress=False)  # fmt: skip
+    assert summary["finished"] and np.isfinite(summary["final_eval_return"])
+    train = [r for r in _records(tmp_path) if r["kind"] == "train"]
+    assert train and all(np.isfinite(r["model_loss"]) for r in train)
+    report = json.loads((tmp_path / "model_report.json").read_text())
+    assert np.isfinite(report["open_loop_mse_per_step"]).all()
+    assert (tmp_path / "model_predictions.png").stat().st_size > 0

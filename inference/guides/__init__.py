@@ -4,6 +4,8 @@ one) and returning an ordinary NumPyro guide with the model's signature."""
 from .auxiliary import auxiliary
 from .filtering import closed_form_filtering, filtering
 from .kalman import backward_sampling, kalman_smoothing
+from .rssm_filtering import rssm_filtering
+from .smoothing_rssm import smoothing_rssm
 
 __all__ = [
     "auxiliary",
@@ -11,4 +13,6 @@ __all__ = [
     "closed_form_filtering",
     "filtering",
     "kalman_smoothing",
+    "rssm_filtering",
+    "smoothing_rssm",
 ]
