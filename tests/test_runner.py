@@ -64,7 +64,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
 
 
 def test_sac_on_rssm_belief_trains_finite(tmp_path):
-    summary = run(_cfg("sac-belief", env_steps=2000, eval_every=10**9), tmp_path, progress=False)
+    summary = run(_cfg("sac-belief", model="rssm", env_steps=2000, eval_every=10**9), tmp_path,
+                  progress=False)  # fmt: skip
     assert summary["finished"] and summary["model"] == "rssm"
     train = [r for r in _records(tmp_path) if r["kind"] == "train"]
     assert train and all(np.isfinite(r["model_loss"]) and np.isfinite(r["critic_loss"])
