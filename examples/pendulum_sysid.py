@@ -192,11 +192,11 @@ def build_vrkn(args) -> ModelEntry:
         mlp_hidden=(args.hidden,), obs_var=args.obs_var, seed=args.seed,
     )  # fmt: skip
     note = (
-        "vrkn: trained with its own objective (free nats 3 per step, MC dropout 0.1); latents "
-        "and predictions under one draw of the dropout masks."
+        f"vrkn: trained with its own objective (free nats {args.free_nats:g} per step, MC "
+        "dropout 0.1); latents and predictions under one draw of the dropout masks."
     )
     guide = guides.kalman_smoothing(model)
-    return ModelEntry(model, guide, FreeNatsELBO(), smoothed_latents(model), note)
+    return ModelEntry(model, guide, FreeNatsELBO(args.free_nats), smoothed_latents(model), note)
 
 
 def build_kalmamba(args) -> ModelEntry:
@@ -546,6 +546,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--latent", type=int, default=8, help="latent size (RSSM: stochastic part)")
     add("--deter", type=int, default=64, help="RSSM deterministic size")
     add("--hidden", type=int, default=128, help="hidden width of every network")
+    add("--free-nats", type=float, default=3.0, help="VRKN's free nats per step (VRKN: 3)")
     add("--obs-var", type=float, default=0.01, help="pixel variance of the Gaussian decoders")
     add("--context", type=int, default=5, help="frames conditioned on before predicting")
     add("--eval-particles", type=int, default=8, help="particles of the held-out ELBO")

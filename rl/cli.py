@@ -7,7 +7,9 @@
 
 Every flag maps to a field of :class:`rl.runner.RunConfig`; ``--set key=value`` fills
 ``overrides`` (driver settings: ``hidden``, ``batch_size``, ``model_batch``, ``seq_len``,
-``stoch``, ``deter``, ``model_hidden``, ``model_lr``, ...). Other subcommands (``pssm compare``)
+``stoch``, ``deter``, ``model_hidden``, ``model_lr``, ... as :data:`rl.drivers.OVERRIDES` lists;
+``planet.<field>`` / ``dreamer.<field>`` set the agents' configs, e.g. ``--set
+planet.candidates=100``; an unknown key is an error). Other subcommands (``pssm compare``)
 are forwarded to :mod:`pssm.cli`.
 """
 
@@ -17,6 +19,7 @@ import json
 import sys
 import time
 
+from .drivers import check_overrides
 from .runner import RunConfig, run
 
 DEFAULTS = RunConfig()
@@ -65,6 +68,10 @@ def from_args(args: argparse.Namespace) -> dict:
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
               if f.name != "overrides"}  # fmt: skip
     cfg = RunConfig(**fields, overrides=tuple(overrides))
+    try:
+        check_overrides(cfg.overrides)
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from None
     if args.resume and not args.run_dir:
         raise SystemExit("--resume needs the --run-dir of the run to continue")
     name = "-".join(

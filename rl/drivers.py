@@ -57,7 +57,8 @@ class Policy:
 
     Wraps a jitted ``step(state, carry, key, obs, mask, first, prev_action) -> (action,
     carry)``; ``carry`` is the online belief (or ``None``), ``key`` is ``fold_in(key, t)``.
-    ``update_state`` swaps in a newer learner state mid-episode (after a training call).
+    ``update_state`` swaps in a newer learner state mid-episode (after a training call);
+    ``executed`` replaces the previous action when another one was executed.
     """
 
     def __init__(self, step, state, carry, key, action_dim: int):
@@ -66,6 +67,11 @@ class Policy:
 
     def update_state(self, state) -> None:
         self.state = state
+
+    def executed(self, action) -> None:
+        """Tell the policy that ``action`` (not its own) was executed at the last step: the
+        next step's belief is predicted through it (e.g. uniform prefill actions)."""
+        self.prev = np.asarray(action, np.float32).reshape(self.prev.shape)
 
     def __call__(self, t, obs, mask, first):
         action, self.carry = self._step(
@@ -87,6 +93,40 @@ def _floats(metrics: Mapping) -> dict:
 
 def _override(cfg, name, default):
     return dict(cfg.overrides).get(name, default)
+
+
+#: Driver settings ``RunConfig.overrides`` may hold; ``planet.<field>`` and ``dreamer.<field>``
+#: set fields of :class:`rl.agents.planet.PlanetConfig` / :class:`rl.agents.dreamer.DreamerConfig`.
+OVERRIDES = ("batch_size", "conv_depth", "d_model", "d_state", "deter", "features", "hidden",
+             "latent", "mc_dropout", "model_batch", "model_hidden", "model_lr", "model_pool",
+             "seq_len", "start_batch", "stoch")  # fmt: skip
+
+
+def check_overrides(overrides) -> None:
+    """``ValueError`` naming any override that no driver reads (a typo would be ignored)."""
+    for name, _ in overrides:
+        prefix = name.split(".", 1)[0] if "." in name else None
+        if name not in OVERRIDES and prefix not in ("planet", "dreamer"):
+            raise ValueError(f"unknown override {name!r}; known: {OVERRIDES} and planet.<field>, "
+                             "dreamer.<field>")  # fmt: skip
+
+
+def agent_config(cfg, base, prefix: str):
+    """``base`` (a config NamedTuple) with ``cfg``'s ``prefix.<field>`` overrides applied; a
+    scalar given for a sequence field is repeated to its default length (``dreamer.actor_hidden
+    =64`` -> ``(64, 64)``)."""
+    fields = {}
+    for name, value in cfg.overrides:
+        if not name.startswith(prefix + "."):
+            continue
+        field = name[len(prefix) + 1 :]
+        if field not in base._fields:
+            raise ValueError(f"unknown override {name!r}; {prefix} fields: {base._fields}")
+        default = getattr(base, field)
+        if isinstance(default, tuple | list):
+            value = tuple(value) if isinstance(value, tuple | list) else (value,) * len(default)
+        fields[field] = value
+    return base._replace(**fields)
 
 
 # ----------------------------------------------------------------------------- random
@@ -332,7 +372,7 @@ def _stack(batch: dict, groups: int) -> dict:
 def dreamer_driver(cfg, wm: WorldModel, example_batch) -> Driver:
     from .agents.dreamer import DREAMER_CPU, DreamerConfig, dreamer, flatten_beliefs
 
-    config = DreamerConfig() if cfg.preset == "gpu" else DREAMER_CPU
+    config = agent_config(cfg, DreamerConfig() if cfg.preset == "gpu" else DREAMER_CPU, "dreamer")
     agent = dreamer(wm, config)
     model_init, model_train, model_batch, seq_len = world_model_trainer(wm, cfg, example_batch)
 
@@ -382,7 +422,8 @@ def dreamer_driver(cfg, wm: WorldModel, example_batch) -> Driver:
 def planet_driver(cfg, wm: WorldModel, example_batch) -> Driver:
     from .agents.planet import PLANET_CPU, PlanetConfig, planet
 
-    agent = planet(wm, PlanetConfig() if cfg.preset == "gpu" else PLANET_CPU)
+    agent = planet(wm, agent_config(cfg, PlanetConfig() if cfg.preset == "gpu" else PLANET_CPU,
+                                    "planet"))  # fmt: skip
     model_init, model_train, _, _ = world_model_trainer(wm, cfg, example_batch)
 
     def step(state, planner, key, obs, mask, first, prev, explore):
@@ -437,7 +478,8 @@ def make_world_model(cfg, env) -> WorldModel:
 
         return vrkn_world_model(
             dims, u, latent_dim=latent, hidden=hidden, mlp_hidden=(hidden, hidden),
-            mc_dropout=mcd, seed=cfg.seed,
+            mc_dropout=mcd, seed=cfg.seed, features=str(_override(cfg, "features", "mean")),
+            conv_depth=int(_override(cfg, "conv_depth", 32 if gpu else 16)),
         )  # fmt: skip
     if cfg.model == "kalmamba":
         from .world_models.kalmamba import kalmamba_world_model
@@ -446,6 +488,7 @@ def make_world_model(cfg, env) -> WorldModel:
             dims, u, mc_dropout=mcd, latent_dim=latent, hidden=(hidden, hidden),
             d_model=int(_override(cfg, "d_model", 256 if gpu else 64)),
             d_state=int(_override(cfg, "d_state", 64 if gpu else 16)), seed=cfg.seed,
+            conv_depth=int(_override(cfg, "conv_depth", 32 if gpu else 16)),
         )  # fmt: skip
     raise ValueError(f"unknown model {cfg.model!r}; choose from {MODELS}")
 
@@ -478,6 +521,7 @@ def example_batch_fn(env):
 def make_driver(cfg, env) -> Driver:
     """The driver for ``cfg.agent`` on ``env`` (see the module docstring)."""
     u = env.action_dim
+    check_overrides(cfg.overrides)
     if cfg.agent not in AGENTS:
         raise ValueError(f"unknown agent {cfg.agent!r}; choose from {AGENTS}")
     if cfg.agent == "random":

@@ -52,6 +52,7 @@ class RunConfig:
         model: world model for model-based agents: ``"rssm"``, ``"vrkn"``, ``"kalmamba"``.
         task: dm_control task, e.g. ``"cartpole-swingup"``.
         obs: ``"states"``, ``"pixels"`` or ``"both"``.
+        image_size: height and width of rendered images (a multiple of 16; the papers: 64).
         variant: environment variant (:data:`rl.envs.VARIANTS` name) or ``None``.
         preset: ``"cpu"`` or ``"gpu"``: network sizes, batch sizes, planner sizes.
         seed: everything random in the run derives from it.
@@ -71,6 +72,7 @@ class RunConfig:
     model: str = "vrkn"
     task: str = "cartpole-swingup"
     obs: str = "states"
+    image_size: int = 64
     variant: str | None = "noisy"
     preset: str = "cpu"
     seed: int = 0
@@ -97,9 +99,32 @@ class RunConfig:
         return cls(**d)
 
 
+#: Drivers built in this process, by the configuration fields they depend on (at most a few).
+_DRIVERS: dict = {}
+_DRIVER_FIELDS = ("agent", "model", "task", "obs", "image_size", "variant", "preset", "seed",
+                  "action_repeat", "overrides")  # fmt: skip
+
+
+def _driver(cfg: RunConfig, env) -> Driver:
+    """``make_driver(cfg, env)``, reused by later runs in this process with the same agent,
+    model, task, observations, preset, seed and overrides: a driver is pure functions, and
+    reusing it keeps their compiled code (a resumed run does not compile again)."""
+    key = tuple(getattr(cfg, f) for f in _DRIVER_FIELDS)
+    if key not in _DRIVERS:
+        if len(_DRIVERS) >= 4:
+            _DRIVERS.pop(next(iter(_DRIVERS)))
+        _DRIVERS[key] = make_driver(cfg, env)
+    return _DRIVERS[key]
+
+
 def _env(cfg: RunConfig, seed: int):
     return envs.make(
-        cfg.task, obs=cfg.obs, variant=cfg.variant, seed=seed, action_repeat=cfg.action_repeat
+        cfg.task,
+        obs=cfg.obs,
+        variant=cfg.variant,
+        seed=seed,
+        action_repeat=cfg.action_repeat,
+        size=cfg.image_size,
     )
 
 
@@ -208,7 +233,7 @@ def run(
     probe = _env(cfg, _episode_seed(cfg, 0))
     repeat = probe.unwrapped.action_repeat
     total_steps = math.ceil(cfg.env_steps / repeat)
-    driver = make_driver(cfg, probe)
+    driver = _driver(cfg, probe)
     key = jax.random.key(cfg.seed)
     act_key, train_key, init_key = jax.random.split(key, 3)
     state = driver.init(init_key)
@@ -242,11 +267,19 @@ def run(
         explore_policy = driver.policy(state, jax.random.fold_in(act_key, episode), explore=True)
         rand = random_policy(env.action_dim, _episode_seed(cfg, episode))
         steps0 = meta["steps"]
+        length = env.unwrapped.episode_length
+        # an episode that ends inside the prefill never acts on the agent's belief: skip it
+        # (PlaNet would plan at every step for nothing); otherwise keep the belief current
+        track = length is None or steps0 + length > cfg.prefill_steps
 
-        def policy(t, obs, mask, first, explore_policy=explore_policy, rand=rand, steps0=steps0):
+        def policy(t, obs, mask, first, explore_policy=explore_policy, rand=rand, steps0=steps0,
+                   track=track):  # fmt: skip
             if steps0 + t < cfg.prefill_steps:
-                explore_policy(t, obs, mask, first)  # keep the belief up to date
-                return rand(t, obs, mask, first)
+                action = rand(t, obs, mask, first)
+                if track:  # filter with the action actually taken
+                    explore_policy(t, obs, mask, first)
+                    explore_policy.executed(action)
+                return action
             return explore_policy(t, obs, mask, first)
 
         def on_step(t, ret, steps0=steps0, explore_policy=explore_policy):

@@ -31,3 +31,17 @@ settings.register_profile("ci", max_examples=20, derandomize=True, **_common)
 settings.register_profile("dev", max_examples=25, **_common)
 settings.register_profile("thorough", max_examples=300, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_code_between_modules():
+    """Drop each module's compiled programs when it is done: a worker otherwise accumulates
+    gigabytes of executables and tracing caches over the suite, and later compiles slow down."""
+    yield
+    jax.clear_caches()
+    gc.collect()

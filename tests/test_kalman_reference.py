@@ -12,6 +12,7 @@ from tests.kalman_models import specs
 from tests.kalman_reference import reference
 
 _smoother = {p: jax.jit(partial(kalman.smoother, parallel=p)) for p in (False, True)}
+_smoothed_dynamics = jax.jit(kalman.smoothed_dynamics)
 
 
 def _dense(x, diagonal):
@@ -50,5 +51,5 @@ def test_kalman_matches_brute_force_conditioning(spec):
         # q(z_{t+1} | z_t, o_{0:T-1}): gain, offset, covariance
         for got, want in zip(post.backward, ref.backward, strict=True):
             close(_dense(got, diag) if want.ndim == 3 else got, want)
-        for got, want in zip(kalman.smoothed_dynamics(post), ref.forward, strict=True):
+        for got, want in zip(_smoothed_dynamics(post), ref.forward, strict=True):
             close(_dense(got, diag) if want.ndim == 3 else got, want)
