@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import multivariate_normal
 
@@ -16,6 +16,10 @@ from tests.kalman_models import random_case, specs
 from tests.kalman_reference import reference
 
 _smoother = {p: jax.jit(partial(kalman.smoother, parallel=p)) for p in (False, True)}
+_smoothed_dynamics = jax.jit(kalman.smoothed_dynamics)
+#: these properties sit beside the brute-force comparison (test_kalman_reference.py), which
+#: draws the profile's full number of models; half as many here (each new shape compiles)
+_half = settings(max_examples=max(10, settings.default.max_examples // 2))
 
 
 def _as_dense(case):
@@ -44,6 +48,7 @@ def _as_dense(case):
     )
 
 
+@_half
 @given(spec=specs(diagonal=True))
 def test_diagonal_equals_dense_on_diagonal_models(spec):
     case = spec.build()
@@ -61,12 +66,13 @@ def test_diagonal_equals_dense_on_diagonal_models(spec):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
 
 
+@_half
 @given(spec=specs(max_T=25))
 def test_smoothed_dynamics_reproduce_the_smoothed_marginals(spec):
     """Integrating q(z_{t+1} | z_t) against q(z_t) gives q(z_{t+1}) and Cov(z_t, z_{t+1})."""
     case = spec.build()
     post = _smoother[False](case.prior, case.dynamics, case.emissions)
-    M, c, S = kalman.smoothed_dynamics(post)
+    M, c, S = _smoothed_dynamics(post)
     ms, Ps = post.smoothed
     tol = 1e-5 if spec.ill else 1e-9
     scale = max(1.0, float(jnp.abs(Ps).max()), float(jnp.abs(ms).max()))
@@ -164,6 +170,7 @@ def test_chain_log_prob_and_forward_sampling_agree(diagonal):
     np.testing.assert_allclose(back, exact, rtol=1e-8)
 
 
+@_half
 @given(spec=specs(max_T=12, max_K=3), data=st.data())
 def test_result_does_not_depend_on_sensor_order(spec, data):
     case = spec.build()
