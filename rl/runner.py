@@ -99,17 +99,22 @@ class RunConfig:
         return cls(**d)
 
 
-#: Drivers built in this process, by the configuration fields they depend on (at most a few).
+#: Drivers built in this process (at most a few), by their configuration without the fields
+#: that only the loop reads.
 _DRIVERS: dict = {}
-_DRIVER_FIELDS = ("agent", "model", "task", "obs", "image_size", "variant", "preset", "seed",
-                  "action_repeat", "overrides")  # fmt: skip
+_LOOP_FIELDS = ("env_steps", "prefill_steps", "train_every", "updates", "eval_every",
+                "eval_episodes", "checkpoint_every", "replay_capacity")  # fmt: skip
 
 
 def _driver(cfg: RunConfig, env) -> Driver:
-    """``make_driver(cfg, env)``, reused by later runs in this process with the same agent,
-    model, task, observations, preset, seed and overrides: a driver is pure functions, and
-    reusing it keeps their compiled code (a resumed run does not compile again)."""
-    key = tuple(getattr(cfg, f) for f in _DRIVER_FIELDS)
+    """``make_driver(cfg, env)``, reused by later runs in this process whose configurations
+    differ at most in :data:`_LOOP_FIELDS`: a driver is pure functions, and reusing it keeps
+    their compiled code (a resumed run does not compile again)."""
+    key = dataclasses.replace(cfg, **{f: getattr(RunConfig, f) for f in _LOOP_FIELDS})
+    try:
+        hash(key)
+    except TypeError:  # an unhashable override value: build afresh
+        return make_driver(cfg, env)
     if key not in _DRIVERS:
         if len(_DRIVERS) >= 4:
             _DRIVERS.pop(next(iter(_DRIVERS)))

@@ -45,3 +45,4 @@ def _free_compiled_code_between_modules():
     yield
     jax.clear_caches()
     gc.collect()
+    gc.freeze()  # what survives is long-lived: later collections need not scan it again

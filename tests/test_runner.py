@@ -59,6 +59,7 @@ RESUMED = {
     "dreamer-vrkn-plain": dict(
         agent="dreamer", model="vrkn", variant="plain", overrides=TINY + SMALL_VRKN + SMALL_DREAMER
     ),
+    "sac_belief-rssm-noisy": dict(agent="sac-belief", model="rssm"),
     "planet-rssm-noisy": dict(agent="planet", model="rssm", overrides=TINY + SMALL_PLANET),
     **{k: pytest.param(v, marks=pytest.mark.slow) for k, v in PIXEL_CASES.items()},
 }
