@@ -52,7 +52,8 @@ class RunConfig:
         model: world model for model-based agents: ``"rssm"``, ``"vrkn"``, ``"kalmamba"``.
         task: dm_control task, e.g. ``"cartpole-swingup"``.
         obs: ``"states"``, ``"pixels"`` or ``"both"``.
-        image_size: height and width of rendered images (a multiple of 16; the papers: 64).
+        image_size: height and width of rendered images (a multiple of 16, at least 48 for the
+            conv encoder; the papers: 64).
         variant: environment variant (:data:`rl.envs.VARIANTS` name) or ``None``.
         preset: ``"cpu"`` or ``"gpu"``: network sizes, batch sizes, planner sizes.
         seed: everything random in the run derives from it.
