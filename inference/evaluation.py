@@ -151,8 +151,13 @@ def _time_slice(x, start, stop):
     return jax.tree.map(lambda v: v[:, start:stop], x)
 
 
-def _filter(wm, params, key, obs, actions, mask):
-    """Beliefs after each observation (the scan of ``rl.world_model.filter_sequence``)."""
+def filter_beliefs(wm, params, key, obs, actions, mask=None):
+    """Beliefs after each observation: ``b_t = p(z_t | o_{0:t}, a_{0:t-1})``, ``(B, T, ...)``,
+    of a world model with the protocol of :class:`rl.world_model.WorldModel`.
+
+    Uses ``wm.filter_sequence`` when the model has one, else scans ``observe`` and ``imagine``
+    (``actions[:, t]`` moves ``b_t`` to the prior of ``z_{t+1}``; the last action is unused).
+    """
     if getattr(wm, "filter_sequence", None) is not None:
         return wm.filter_sequence(params, key, obs, actions, mask)
     B, T = jax.tree.leaves(obs)[0].shape[:2]
@@ -225,7 +230,7 @@ def world_model_open_loop_mse(
         actions = jnp.zeros((B, T, int(getattr(wm, "action_dim", 0))), obs.dtype)
     k_filter, k_pred = jax.random.split(key)
     ctx_mask = None if mask is None else _time_slice(mask, 0, context)
-    beliefs = _filter(wm, params, k_filter, obs[:, :context], actions[:, :context], ctx_mask)
+    beliefs = filter_beliefs(wm, params, k_filter, obs[:, :context], actions[:, :context], ctx_mask)
     start = jax.tree.map(lambda v: v[:, -1], beliefs)
     return open_loop_mse(
         world_model_predict(wm), params, k_pred, start, actions[:, context - 1 : T - 1],

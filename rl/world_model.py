@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from inference.evaluation import filter_beliefs
 from inference.training import Objective
 
 PyTree = Any
@@ -79,42 +80,14 @@ class WorldModel(NamedTuple):
     filter_sequence: Callable[..., PyTree] | None = None
 
 
-def _time(x, t):
-    return jax.tree.map(lambda v: v[:, t], x)
-
-
 def filter_sequence(wm: WorldModel, params, key, obs, actions, mask=None) -> PyTree:
     """Beliefs after each observation: ``b_t = p(z_t | o_{0:t}, a_{0:t-1})``, ``(B, T, ...)``.
 
     Uses ``wm.filter_sequence`` when the model has one, else scans ``observe`` and ``imagine``
-    (``actions[:, t]`` moves ``b_t`` to the prior of ``z_{t+1}``; the last action is unused).
+    (``actions[:, t]`` moves ``b_t`` to the prior of ``z_{t+1}``; the last action is unused):
+    :func:`inference.evaluation.filter_beliefs`.
     """
-    if wm.filter_sequence is not None:
-        return wm.filter_sequence(params, key, obs, actions, mask)
-    first = jax.tree.leaves(obs)[0]
-    B, T = first.shape[:2]
-    if mask is None:
-        mask = jnp.ones((B, T), bool)
-    keys = jax.random.split(key, (T, 2))
-    b = wm.init_belief(params, B)
-    b = wm.observe(params, keys[0, 0], b, _time(obs, 0), mask[:, 0])
-
-    def step(b, xs):
-        k, a_prev, o, m = xs
-        b = wm.imagine(params, k[0], b, a_prev)
-        b = wm.observe(params, k[1], b, o, m)
-        return b, b
-
-    xs = (
-        keys[1:],
-        jnp.moveaxis(actions[:, :-1], 1, 0),
-        jax.tree.map(lambda v: jnp.moveaxis(v[:, 1:], 1, 0), obs),
-        jnp.moveaxis(mask[:, 1:], 1, 0),
-    )
-    _, bs = jax.lax.scan(step, b, xs)
-    return jax.tree.map(
-        lambda b0, rest: jnp.concatenate([b0[:, None], jnp.moveaxis(rest, 0, 1)], axis=1), b, bs
-    )
+    return filter_beliefs(wm, params, key, obs, actions, mask)
 
 
 def imagine_rollout(wm: WorldModel, params, key, belief, policy, horizon: int):

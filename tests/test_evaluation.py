@@ -155,7 +155,7 @@ def test_world_model_open_loop_matches_a_naive_loop():
     np.testing.assert_allclose(out.predictions, expected, rtol=1e-10)
     np.testing.assert_allclose(out.per_step, ((expected - obs[:, 4:]) ** 2).mean(axis=(0, 2)))
     # a model's own filter_sequence is used when present
-    stepwise = wm._replace(filter_sequence=lambda *args: evaluation._filter(wm, *args))
+    stepwise = wm._replace(filter_sequence=lambda *args: evaluation.filter_beliefs(wm, *args))
     again = evaluation.world_model_open_loop_mse(
         stepwise, None, jax.random.key(0), obs, actions, context=4
     )
