@@ -103,10 +103,15 @@ OVERRIDES = ("batch_size", "conv_depth", "d_model", "d_state", "deter", "feature
 
 
 def check_overrides(overrides) -> None:
-    """``ValueError`` naming any override that no driver reads (a typo would be ignored)."""
+    """``ValueError`` naming any override that no driver reads, ``planet.<field>`` and
+    ``dreamer.<field>`` checked against the agents' configs (a typo would be ignored)."""
+    from .agents.dreamer import DreamerConfig
+    from .agents.planet import PlanetConfig
+
+    agent_fields = {"planet": PlanetConfig._fields, "dreamer": DreamerConfig._fields}
     for name, _ in overrides:
-        prefix = name.split(".", 1)[0] if "." in name else None
-        if name not in OVERRIDES and prefix not in ("planet", "dreamer"):
+        prefix, _, field = name.partition(".")
+        if name not in OVERRIDES and field not in agent_fields.get(prefix, ()):
             raise ValueError(f"unknown override {name!r}; known: {OVERRIDES} and planet.<field>, "
                              "dreamer.<field>")  # fmt: skip
 
