@@ -189,7 +189,8 @@ def build_vrkn(args) -> ModelEntry:
 
     model = vrkn(
         256, args.action_dim, latent_dim=args.latent, hidden=args.hidden,
-        mlp_hidden=(args.hidden,), obs_var=args.obs_var, seed=args.seed,
+        mlp_hidden=(args.hidden,), obs_var=args.obs_var, observed_dim=args.observed,
+        seed=args.seed,
     )  # fmt: skip
     note = (
         f"vrkn: trained with its own objective (free nats {args.free_nats:g} per step, MC "
@@ -204,7 +205,8 @@ def build_kalmamba(args) -> ModelEntry:
 
     model = kalmamba(
         256, args.latent, args.action_dim, hidden=(args.hidden,), d_model=args.deter,
-        num_blocks=1, d_state=16, obs_var=args.obs_var, seed=args.seed,
+        num_blocks=1, d_state=16, obs_var=args.obs_var, observed_dim=args.observed,
+        seed=args.seed,
     )  # fmt: skip
     note = (
         "kalmamba: trained with its own objective (Mahalanobis regulariser, alpha 1, MC "
@@ -544,6 +546,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--length", type=int, default=15, help="frames per sequence (EKVAE: 15)")
     add("--controls", action="store_true", help="random torques as actions")
     add("--latent", type=int, default=8, help="latent size (RSSM: stochastic part)")
+    add("--observed", type=int, default=None,
+        help="VRKN, KalMamba: latent coordinates the encoders observe (default: all, H = I; "
+             "fewer: RKN's H = [I, 0], the rest a memory)")  # fmt: skip
     add("--deter", type=int, default=64, help="RSSM deterministic size")
     add("--hidden", type=int, default=128, help="hidden width of every network")
     add("--free-nats", type=float, default=3.0, help="VRKN's free nats per step (VRKN: 3)")

@@ -62,8 +62,11 @@ from .locally_linear import (
     Inputs,
     fuse,
     gaussian_observations,
+    latent_emissions,
     modalities,
     observation_sites,
+    observed_size,
+    partial_observation,
     prepare_inputs,
 )
 from .mamba import Mamba, MambaState
@@ -190,6 +193,7 @@ def kalmamba(
     Q_bounds: tuple[float, float, float] = (1e-3, 0.1, 1e-2),
     conv_depth: int = 32,
     image_bits: int = 5,
+    observed_dim: int | None = None,
     name: str = "kalmamba",
     seed: int = 0,
 ):
@@ -212,6 +216,11 @@ def kalmamba(
         obs_var, learn_obs_var, min_obs_var: decoder variances (fixed, as the paper, or learned).
         min_latent_obs_var: floor of the encoders' variances ``r_t^(k)``.
         A_bounds, Q_bounds: ``(lo, hi, value at zero)`` of the transition entries and variances.
+        observed_dim: ``m``, how many latent coordinates the latent observations cover
+            (``None``: all, ``H = I`` as the paper). With ``m < d`` the encoders emit ``m``
+            coordinates and the others are never observed (RKN's ``H = [I_m, 0]``,
+            :func:`pssm.locally_linear.partial_observation`): they enter the backbone as 0
+            and are filled by the dynamics' offset ``b_t(m_t, a_t)`` alone.
         name: prefix of every parameter site.
         seed: initialisation of the network weights.
 
@@ -226,6 +235,7 @@ def kalmamba(
     """
     dims = modalities(obs_dims)
     d, u, K = int(latent_dim), int(action_dim), len(dims)
+    observed = observed_size(observed_dim, d)
     widths = (int(hidden),) if isinstance(hidden, int) else tuple(int(h) for h in hidden)
     rngs = nnx.Rngs(seed)
     image = {k: not isinstance(s, int) for k, s in dims.items()}
@@ -234,9 +244,9 @@ def kalmamba(
             raise ValueError(f"modality {k!r}: shape {s} is neither a vector nor (H, W, C)")
     conv = dict(depth=conv_depth, rngs=rngs)
     encoders = {
-        k: GaussianConvEncoder(s, d, min_var=min_latent_obs_var, **conv)
+        k: GaussianConvEncoder(s, observed, min_var=min_latent_obs_var, **conv)
         if image[k]
-        else nets.GaussianMLP(s, widths, d, min_var=min_latent_obs_var, rngs=rngs)
+        else nets.GaussianMLP(s, widths, observed, min_var=min_latent_obs_var, rngs=rngs)
         for k, s in dims.items()
     }
     mamba_kw = dict(num_blocks=num_blocks, d_state=d_state, d_conv=d_conv, expand=expand)
@@ -258,7 +268,7 @@ def kalmamba(
         reg = lambda part, net: nets.register(f"{name}_{part}", net)
         P0 = numpyro.param(f"{name}_P0", jnp.ones(d, dtype), constraint=constraints.positive)
         return Networks(
-            {k: reg(f"encoder_{k}", e) for k, e in encoders.items()},
+            {k: partial_observation(reg(f"encoder_{k}", e), d) for k, e in encoders.items()},
             reg("backbone", backbone),
             reg("dynamics", dynamics),
             P0,
@@ -280,7 +290,10 @@ def kalmamba(
         dyn_in = m[:, :-1] if not u else jnp.concatenate([m[:, :-1], x.actions[:, :-1]], -1)
         A, b, Q = n.dynamics(dyn_in, k_dyn)
         prior = kalman.Gaussian(jnp.zeros((B, d), dtype), jnp.broadcast_to(n.P0, (B, d)))
-        s = Structure(prior, kalman.Dynamics(A, b, Q), kalman.Emissions(w, R, x.mask))
+        emissions = (
+            latent_emissions(w, R, x.mask) if observed < d else kalman.Emissions(w, R, x.mask)
+        )
+        s = Structure(prior, kalman.Dynamics(A, b, Q), emissions)
         return Forward(s, m, state)
 
     def preprocess(obs):
@@ -347,7 +360,7 @@ def kalmamba(
     model.networks, model.reward, model.decoders = networks, reward_fn, decoder_fns
     model.backbone_module = backbone
     model.latent_dim, model.action_dim, model.obs_dims = d, u, dims
-    model.parallel, model.feature_size = parallel, d
+    model.parallel, model.feature_size, model.observed_dim = parallel, d, observed
     return model
 
 

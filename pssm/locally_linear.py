@@ -190,6 +190,40 @@ def fuse(w: jax.Array, R: jax.Array, mask: jax.Array) -> jax.Array:
     return (precision * w).sum(-2) / jnp.where(total > 0, total, 1.0)
 
 
+def observed_size(observed_dim: int | None, latent_dim: int) -> int:
+    """``m``: how many latent coordinates the latent observations cover (``None``: all)."""
+    m = latent_dim if observed_dim is None else int(observed_dim)
+    if not 1 <= m <= latent_dim:
+        raise ValueError(f"observed_dim must lie in [1, latent_dim={latent_dim}], got {m}")
+    return m
+
+
+def partial_observation(encoder, latent_dim: int):
+    """Wrap ``encoder: o -> (w, r)`` of size ``m`` into size ``d = latent_dim`` with RKN's
+    ``H = [I_m, 0]`` (Becker et al. 2019): ``w = 0`` and ``r = inf`` on coordinates
+    ``m..d-1``, an observation without information, so elementwise Kalman updates and
+    :func:`fuse` leave those coordinates alone (gradients stay finite: ``1/inf = 0``)."""
+
+    def encode(o):
+        w, r = encoder(o)
+        if w.shape[-1] == latent_dim:
+            return w, r
+        pad = (*w.shape[:-1], latent_dim - w.shape[-1])
+        w = jnp.concatenate([w, jnp.zeros(pad, w.dtype)], axis=-1)
+        return w, jnp.concatenate([r, jnp.full(pad, jnp.inf, r.dtype)], axis=-1)
+
+    return encode
+
+
+def latent_emissions(w: jax.Array, R: jax.Array, mask: jax.Array) -> kalman.Emissions:
+    """``kalman.Emissions`` of latent observations ``(B, T, K, d)`` with per-sensor ``mask``
+    ``(B, T, K)``; coordinates with ``r = inf`` (see :func:`partial_observation`) become
+    missing entries (the Kalman core wants finite variances)."""
+    unseen = jnp.isinf(R)
+    entries = jnp.logical_and(mask[..., None] > 0, ~unseen)
+    return kalman.Emissions(w, jnp.where(unseen, 1.0, R), entries)
+
+
 def _widths(hidden) -> tuple[int, ...]:
     return (int(hidden),) if isinstance(hidden, int) else tuple(int(h) for h in hidden)
 

@@ -66,8 +66,11 @@ from .layers import ConvDecoder, GaussianConvEncoder, MCDropout, preprocess_imag
 from .locally_linear import (
     Inputs,
     gaussian_observations,
+    latent_emissions,
     modalities,
     observation_sites,
+    observed_size,
+    partial_observation,
     prepare_inputs,
 )
 from .rssm import score_rewards
@@ -196,6 +199,7 @@ def vrkn(
     Q_bounds: tuple[float, float, float] = (1e-3, 0.1, 1e-2),
     image_bits: int = 5,
     conv_depth: int = 32,
+    observed_dim: int | None = None,
     name: str = "vrkn",
     seed: int = 0,
 ):
@@ -218,6 +222,13 @@ def vrkn(
         A_bounds, Q_bounds: ``(lo, hi, value at zero)`` of the transition entries and variances.
         image_bits: colour depth integer images are reduced to (:func:`preprocess_image`).
         conv_depth: base depth of the conv encoder and decoder (32).
+        observed_dim: ``m``, how many latent coordinates the latent observations cover
+            (``None``: all, ``H = I`` as VRKN). With ``m < d`` the encoders emit ``m``
+            coordinates and the observation model is RKN's ``H = [I_m, 0]`` (Becker et al.
+            2019): coordinates ``m..d-1`` are never observed (their ``r`` is ``inf``, so the
+            elementwise update leaves them alone) and are filled only by the transition's
+            offset ``b_t(mu_t^+, a_t)``: a memory, e.g. for a velocity that one frame does not
+            show.
         name: prefix of the parameter sites ``"<name>_encoder_<modality>$params"``,
             ``"<name>_transition$params"``, ``"<name>_decoder_<modality>$params"``,
             ``"<name>_reward$params"``, ``"<name>_m0"``, ``"<name>_P0"`` and of the dropout
@@ -238,13 +249,14 @@ def vrkn(
         if not isinstance(s, int) and len(s) != 3:
             raise ValueError(f"modality {k!r}: shape {s} is neither a vector nor (H, W, C)")
     d, u = int(latent_dim), int(action_dim)
+    m = observed_size(observed_dim, d)
     widths = _widths(mlp_hidden)
     rngs = nnx.Rngs(seed)
     images = {k for k, s in dims.items() if not isinstance(s, int)}
     encoders = {
-        k: GaussianConvEncoder(s, d, depth=conv_depth, min_var=min_latent_obs_var, rngs=rngs)
+        k: GaussianConvEncoder(s, m, depth=conv_depth, min_var=min_latent_obs_var, rngs=rngs)
         if k in images
-        else nets.GaussianMLP(s, widths, d, min_var=min_latent_obs_var, rngs=rngs)
+        else nets.GaussianMLP(s, widths, m, min_var=min_latent_obs_var, rngs=rngs)
         for k, s in dims.items()
     }
     rate = float(dropout_rate) if mc_dropout else 0.0
@@ -275,7 +287,10 @@ def vrkn(
         return one("obs", obs)
 
     def networks() -> Networks:
-        enc = {k: nets.register(f"{name}_encoder_{k}", encoders[k]) for k in dims}
+        enc = {
+            k: partial_observation(nets.register(f"{name}_encoder_{k}", encoders[k]), d)
+            for k in dims
+        }
         dec = {k: nets.register(f"{name}_decoder_{k}", decoders[k]) for k in dims}
         head = None
         if reward_head is not None:
@@ -326,7 +341,8 @@ def vrkn(
             jnp.concatenate([first[1][:, None], variances], axis=1),
         )
         prior = kalman.Gaussian(m0, P0)
-        structure = Structure(prior, kalman.Dynamics(A, b, Q), kalman.Emissions(w, R, x.mask))
+        emissions = kalman.Emissions(w, R, x.mask) if m == d else latent_emissions(w, R, x.mask)
+        structure = Structure(prior, kalman.Dynamics(A, b, Q), emissions)
         return structure, filtered
 
     def inputs(obs, actions, mask) -> Inputs:
@@ -355,6 +371,7 @@ def vrkn(
     model.filter, model.networks, model.preprocess = filter_beliefs, networks, preprocess
     model.latent_dim = model.feature_size = d
     model.action_dim, model.obs_dims, model.mc_dropout = u, dims, bool(rate)
+    model.observed_dim = m
     return model
 
 

@@ -423,3 +423,36 @@ def test_world_model_trains(wm):
     assert elbos[-5:].mean() > elbos[:5].mean() + 0.1 * abs(elbos[:5].mean())
     # the reported terms add up: loss = -ELBO + alpha R (alpha = 1)
     np.testing.assert_allclose(losses, [-r["elbo"] + r["mahalanobis"] for r in history], rtol=1e-10)
+
+
+def test_partially_observed_latent(data):
+    """``observed_dim=1`` of ``D=2`` (RKN's ``H = [I_1, 0]``): the Kalman core on the structure
+    (the unobserved coordinate a missing entry) and the world model's stepwise filter (``r =
+    inf``) agree; the unobserved coordinate is a pure prediction; the bound is finite."""
+    wm = kalmamba_world_model(DIMS, U, latent_dim=D, observed_dim=1, **SIZES)
+    model = kalmamba(DIMS, D, U, reward=True, observed_dim=1, **SIZES)  # the same sites
+    assert model.observed_dim == 1
+    args = (data["obs"], data["actions"], data["mask"])
+    generic = wm._replace(filter_sequence=None)
+    key = jax.random.key(4)
+    params = params_of(handlers.trace(handlers.seed(model, 0)).get_trace(**data))
+    guide = kalman_smoothing(model, parallel=model.parallel)
+
+    @jax.jit
+    def run(p):
+        with handlers.substitute(data=p):
+            s = model.structure(*args)
+        loss = TraceMeanField_ELBO().loss(key, p, model, guide, **data)
+        return W.filter_sequence(generic, p, key, *args), s, loss
+
+    steps, s, loss = run(params)
+    filt = jax.vmap(kalman.filter)(*s).filtered
+    assert s.emissions.mask.shape == (B, T, 2, D) and not np.any(s.emissions.mask[..., 1])
+    np.testing.assert_allclose(steps.mean, filt.mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(steps.cov, filt.cov, rtol=1e-9)
+    A, b, Q = (np.asarray(x[..., 1]) for x in s.dynamics)
+    np.testing.assert_allclose(filt.mean[:, 1:, 1], A * filt.mean[:, :-1, 1] + b, rtol=1e-10)
+    np.testing.assert_allclose(filt.cov[:, 1:, 1], A * A * filt.cov[:, :-1, 1] + Q, rtol=1e-10)
+    assert np.isfinite(loss)  # gradients through r = inf: tests/test_vrkn.py
+    with pytest.raises(ValueError, match="observed_dim"):
+        kalmamba(DIMS, D, U, observed_dim=3, **SIZES)

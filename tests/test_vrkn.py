@@ -110,6 +110,46 @@ def test_recurrent_filter_matches_naive_loop(batch, models):
     np.testing.assert_allclose(ref.cov, filt.cov, rtol=1e-8, atol=1e-12)
 
 
+def test_unobserved_coordinates_are_pure_predictions(batch):
+    # RKN's H = [I_m, 0]: the encoders emit m = 2 of D = 4 coordinates; the other two are
+    # never updated, so they follow the transition alone, and the project's Kalman filter on
+    # the structure (unobserved entries marked missing) gives the same beliefs
+    model = vrkn(DIMS, U, mc_dropout=False, reward=True, observed_dim=2, **SIZES)
+    guide = kalman_smoothing(model)
+    args = (batch["obs"], batch["actions"], batch["mask"])
+    params = {k: v["value"] for k, v in handlers.trace(model.networks).get_trace().items()}
+
+    @jax.jit
+    def run(params, key):
+        with handlers.substitute(data=params):
+            s, filt = model.structure(*args), model.filter(*args)
+        loss, grads = jax.value_and_grad(TraceMeanField_ELBO().loss, argnums=1)(
+            key, params, model, guide, **batch
+        )
+        return s, filt, jax.vmap(kalman.filter)(*s).filtered, loss, grads
+
+    s, filt, ref, loss, grads = run(params, jax.random.key(0))
+    A, b, Q = s.dynamics
+    np.testing.assert_allclose(ref.mean, filt.mean, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(ref.cov, filt.cov, rtol=1e-8, atol=1e-12)
+    memory = slice(2, None)
+    np.testing.assert_array_equal(filt.mean[:, 0, memory], np.broadcast_to(np.zeros(2), (B, 2)))
+    np.testing.assert_allclose(
+        filt.mean[:, 1:, memory], (A * filt.mean[:, :-1] + b)[..., memory], rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        filt.cov[:, 1:, memory], (A**2 * filt.cov[:, :-1] + Q)[..., memory], rtol=1e-12
+    )
+    seen = batch["mask"].any(-1)[:, 1:]  # observed coordinates do get updated
+    assert np.all(filt.cov[:, 1:, :2][seen] < (A**2 * filt.cov[:, :-1] + Q)[:, :, :2][seen])
+    assert np.isfinite(loss)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    assert np.any(grads["vrkn_transition$params"]["out"]["kernel"] != 0)
+    for bad in (0, D + 1):
+        with pytest.raises(ValueError, match="observed_dim"):
+            vrkn(DIMS, U, observed_dim=bad, **SIZES)
+
+
 def test_free_nats_elbo_against_trace_mean_field(batch, models):
     model, params = models[True]
     guide = kalman_smoothing(model)
