@@ -206,6 +206,7 @@ def build_kalmamba(args) -> ModelEntry:
     model = kalmamba(
         256, args.latent, args.action_dim, hidden=(args.hidden,), d_model=args.deter,
         num_blocks=1, d_state=16, obs_var=args.obs_var, observed_dim=args.observed,
+        parallel=args.parallel if args.parallel is not None else jax.default_backend() != "cpu",
         seed=args.seed,
     )  # fmt: skip
     note = (
@@ -549,6 +550,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--observed", type=int, default=None,
         help="VRKN, KalMamba: latent coordinates the encoders observe (default: all, H = I; "
              "fewer: RKN's H = [I, 0], the rest a memory)")  # fmt: skip
+    add("--parallel", action=argparse.BooleanOptionalAction, default=None,
+        help="KalMamba: associative scans (default: on accelerators only; on this CPU the "
+             "sequential scans give the same numbers ~1.3x faster per update)")  # fmt: skip
     add("--deter", type=int, default=64, help="RSSM deterministic size")
     add("--hidden", type=int, default=128, help="hidden width of every network")
     add("--free-nats", type=float, default=3.0, help="VRKN's free nats per step (VRKN: 3)")

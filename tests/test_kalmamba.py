@@ -443,9 +443,14 @@ def test_partially_observed_latent(data):
         with handlers.substitute(data=p):
             s = model.structure(*args)
         loss = TraceMeanField_ELBO().loss(key, p, model, guide, **data)
-        return W.filter_sequence(generic, p, key, *args), s, loss
+        # imagination feeds the predicted mean to the backbone as an observation would be
+        # fed: the unobserved coordinate is not part of it
+        b = wm.observe(p, key, wm.init_belief(p, B), {k: v[:, 0] for k, v in data["obs"].items()})
+        moved = b._replace(mean=b.mean.at[:, 1].add(1.0))
+        imagined = [wm.imagine(p, key, x, data["actions"][:, 0]) for x in (b, moved)]
+        return W.filter_sequence(generic, p, key, *args), s, loss, imagined
 
-    steps, s, loss = run(params)
+    steps, s, loss, (im, im_moved) = run(params)
     filt = jax.vmap(kalman.filter)(*s).filtered
     assert s.emissions.mask.shape == (B, T, 2, D) and not np.any(s.emissions.mask[..., 1])
     np.testing.assert_allclose(steps.mean, filt.mean, rtol=1e-9, atol=1e-12)
@@ -454,5 +459,7 @@ def test_partially_observed_latent(data):
     np.testing.assert_allclose(filt.mean[:, 1:, 1], A * filt.mean[:, :-1, 1] + b, rtol=1e-10)
     np.testing.assert_allclose(filt.cov[:, 1:, 1], A * A * filt.cov[:, :-1, 1] + Q, rtol=1e-10)
     assert np.isfinite(loss)  # gradients through r = inf: tests/test_vrkn.py
+    np.testing.assert_array_equal(im.m, im_moved.m)
+    assert not np.allclose(im.mean[:, 1], im_moved.mean[:, 1])
     with pytest.raises(ValueError, match="observed_dim"):
         kalmamba(DIMS, D, U, observed_dim=3, **SIZES)

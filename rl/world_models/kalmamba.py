@@ -105,6 +105,7 @@ def kalmamba_world_model(
     names, d, u = list(model.obs_dims), model.latent_dim, model.action_dim
     K, several = len(names), isinstance(obs_dims, Mapping)
     drop = (lambda key: key) if act_dropout else (lambda key: None)
+    visible = jnp.arange(d) < model.observed_dim  # latent coordinates an encoder emits
 
     def step_mamba(backbone, base, wbar, a_prev, mask, key):
         """One backbone step from ``base``: ``(m_t (B, d), state)``."""
@@ -152,7 +153,8 @@ def kalmamba_world_model(
         A, b, Q = n.dynamics(jnp.concatenate([belief.m, action], -1), drop(k_dyn))
         mean, cov = A * belief.mean + b, A * A * belief.cov + Q
         seen = jnp.ones((mean.shape[0], K), bool)
-        m, state = step_mamba(n.backbone, belief.mamba, mean, action, seen, k_pre)
+        pseudo = jnp.where(visible, mean, 0.0)  # the backbone's input, as an observation's
+        m, state = step_mamba(n.backbone, belief.mamba, pseudo, action, seen, k_pre)
         return KalMambaBelief(mean, cov, m, state, belief.mamba, action)
 
     def filter_sequence(params, key, obs, actions, mask=None):
