@@ -185,7 +185,8 @@ def build_rssm(args) -> ModelEntry:
 
 
 def build_vrkn(args) -> ModelEntry:
-    from pssm.vrkn import FreeNatsELBO, vrkn  # written in parallel: imported when chosen
+    from inference.objectives import FreeNatsELBO
+    from pssm.vrkn import vrkn
 
     model = vrkn(
         256, args.action_dim, latent_dim=args.latent, hidden=args.hidden,

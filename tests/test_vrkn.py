@@ -12,7 +12,8 @@ from numpyro.infer import TraceMeanField_ELBO
 
 from inference import kalman
 from inference.guides import kalman_smoothing
-from pssm.vrkn import FreeNatsELBO, vrkn
+from inference.objectives import FreeNatsELBO
+from pssm.vrkn import vrkn
 from rl.world_model import filter_sequence, imagine_rollout
 from rl.world_models.vrkn import vrkn_world_model
 

@@ -1,5 +1,5 @@
 """Objective wrappers around ELBOs: rate-distortion splits, constrained optimisation (REWO),
-KL annealing, and the variational hierarchical prior (VHP) bound.
+KL annealing, free nats, and the variational hierarchical prior (VHP) bound.
 
 Example (any NumPyro model and guide)::
 
@@ -25,6 +25,7 @@ from .constrained import (
     linear_warmup,
     update_multiplier,
 )
+from .free_nats import FreeNatsELBO
 from .vhp import VHP, sample_posterior, sample_prior, vhp_bound
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "AnnealState",
     "AnnealedELBO",
     "ConstrainedELBO",
+    "FreeNatsELBO",
     "REWOState",
     "RateDistortion",
     "RateDistortionELBO",

@@ -30,8 +30,9 @@ import jax.numpy as jnp
 from numpyro import handlers
 
 from inference.guides import kalman_smoothing
+from inference.objectives import FreeNatsELBO
 from inference.training import elbo_objective
-from pssm.vrkn import FreeNatsELBO, kalman_update, predict, vrkn
+from pssm.vrkn import kalman_update, predict, vrkn
 
 from ..world_model import WorldModel
 
