@@ -77,21 +77,29 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 ).strip()
 
-import argparse  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
-from inference import training  # noqa: E402
-from inference.evaluation import heldout_elbo, r2_ols  # noqa: E402
-from inference.objectives import AnnealedELBO, ConstrainedELBO  # noqa: E402
+from examples.ekvae_common import (  # noqa: E402
+    VARIANTS,
+    objective_for,
+    parse_config,
+    smoothed_start_prediction,
+)
+from examples.ekvae_common import train as train_objective  # noqa: E402
+from inference.evaluation import (  # noqa: E402
+    heldout_elbo,
+    plot_latent_space,
+    plot_latent_trajectories,
+    r2_ols,
+    save_image_grid,
+)
 from pssm.datasets import model_data, pendulum_images  # noqa: E402
-from pssm.ekvae import EKVAEBound, ekvae, ekvae_guide, infer_latents  # noqa: E402
+from pssm.ekvae import ekvae, ekvae_guide, infer_latents  # noqa: E402
 
 CONFIGS = {
     "full": dict(train=500, test=200, steps=6000, batch=32, lr=1e-3, calibration=1000,
@@ -99,17 +107,12 @@ CONFIGS = {
     "quick": dict(train=32, test=16, steps=30, batch=16, lr=1e-3, calibration=10,
                   hidden=16, bases=2, transition_hidden=8),
 }  # fmt: skip
-VARIANTS = {  # name: (label, method, vhp)
-    "annealing": ("EKVAE (annealing)", "annealing", False),
-    "co": ("EKVAE (CO)", "co", False),
-    "annealing-vhp": ("VHP-EKVAE (annealing)", "annealing", True),
-    "co-vhp": ("VHP-EKVAE (CO)", "co", True),
+PAPER = {  # Table 1a: (R^2 angle, R^2 velocity, MSE of the smoothed-start prediction)
+    "co-vhp": (0.992, 0.998, 1.99e-4),
+    "co": (0.957, 0.991, 3.53e-4),
+    "annealing": (0.687, 0.339, 1.94e-3),
 }
-PAPER = {  # Table 1a: (R^2 angle, R^2 velocity)
-    "co-vhp": (0.992, 0.998),
-    "co": (0.957, 0.991),
-    "annealing": (0.687, 0.339),
-}
+CONTEXT = 5  # frames the prediction's z_0 is inferred from (Table 1)
 
 
 def build(cfg: dict, vhp: bool, seed: int):
@@ -118,18 +121,6 @@ def build(cfg: dict, vhp: bool, seed: int):
                   decoder_hidden=(h, h), likelihood="bernoulli", vhp_dim=2 if vhp else None,
                   vhp_hidden=(h // 2,), seed=seed)  # fmt: skip
     return model, ekvae_guide(model, hidden=(h, h), seed=seed + 1)
-
-
-def objective_for(method: str, cfg: dict, model, guide):
-    inner = EKVAEBound()
-    if method == "co":
-        elbo = ConstrainedELBO(inner, calibration_steps=cfg["calibration"],
-                               calibration_rate_weight=cfg.get("calibration_rate_weight", 1.0),
-                               lambda_after_calibration=cfg.get("lambda_after"),
-                               slack=cfg.get("slack", 0.05), nu=cfg.get("nu", 0.1))  # fmt: skip
-    else:
-        elbo = AnnealedELBO(inner, warmup_steps=cfg["steps"] // 2)
-    return training.elbo_objective(model, guide, elbo)
 
 
 def r2_angle_velocity(latents: np.ndarray, states: np.ndarray) -> tuple[float, float]:
@@ -144,32 +135,29 @@ def run_variant(key: str, cfg: dict, train: dict, test: dict, seed: int, out: Pa
     label, method, vhp = VARIANTS[key]
     model, guide = build(cfg, vhp, seed)
     objective = objective_for(method, cfg, model, guide)
-    optimizer = optax.adam(cfg["lr"])
     data = {"obs": jnp.asarray(train["obs"])}
-    init_batch = {"obs": data["obs"][: cfg["batch"]]}
-    start = time.time()
-    state = jax.jit(lambda k: training.init_train_state(objective, optimizer, k, init_batch))(
-        jax.random.key(seed)
-    )  # (jitted: the eager init would run the Kalman smoother op by op)
-    state, history = training.fit(
-        objective, data, optimizer, num_steps=cfg["steps"], batch_size=cfg["batch"],
-        state=state, steps_per_call=min(250, cfg["steps"]), progress=False,
-    )  # fmt: skip
-    seconds = time.time() - start
+    state, history, seconds = train_objective(objective, data, cfg, seed)
     (out / key).mkdir(parents=True, exist_ok=True)
     (out / key / "history.json").write_text(json.dumps(history[:: max(1, cfg["steps"] // 500)]))
     params = objective.constrain(state.params)
     obs_test = jnp.asarray(test["obs"])
-    latents = jax.jit(lambda p, x: infer_latents(model, guide, p, x).mean)(params, obs_test)
-    r2_angle, r2_velocity = r2_angle_velocity(np.asarray(latents), test["states"])
+    posterior = jax.jit(lambda p, x, post: infer_latents(model, guide, p, x, posterior=post),
+                        static_argnums=2)  # fmt: skip
+    latents = np.asarray(posterior(params, obs_test, "smoother").mean)
+    r2_angle, r2_velocity = r2_angle_velocity(latents, test["states"])
     held = heldout_elbo(objective, state.params, state.aux, jax.random.key(seed + 7),
                         {"obs": obs_test}, num_particles=4)  # fmt: skip
+    pred = smoothed_start_prediction(model, guide, params, jax.random.key(seed + 11), obs_test,
+                                     context=CONTEXT)  # fmt: skip
+    figures(out / key, label, latents, test, posterior(params, obs_test[:2], "filter"), pred)
     last = history[-1]
     return {
         "variant": key,
         "model": label,
         "r2_angle": r2_angle,
         "r2_velocity": r2_velocity,
+        "prediction_mse": pred.mse,
+        "prediction_mse_per_step": [float(x) for x in pred.per_step],
         "test_elbo_per_sequence": held["elbo_per_sequence"],
         "train_elbo_last100": float(np.mean([h["elbo"] for h in history[-100:]])),
         "final_distortion": float(last["distortion"]),
@@ -182,56 +170,50 @@ def run_variant(key: str, cfg: dict, train: dict, test: dict, seed: int, out: Pa
     }
 
 
+def figures(folder: Path, label: str, latents, test: dict, filtered, pred) -> None:
+    """Latent space (smoothed means) coloured by the true angle and velocity, filtered
+    trajectories with +-2 sd bands, and the smoothed-start prediction of one sequence."""
+    flat, states = latents.reshape(-1, latents.shape[-1]), test["states"].reshape(-1, 2)
+    plot_latent_space(folder / "latent_space_angle.png", flat[:, :2], states[:, 0],
+                      label="angle", title=f"{label}: (z_1, z_2) = a")  # fmt: skip
+    plot_latent_space(folder / "latent_space_velocity.png", flat[:, 1:3], states[:, 1],
+                      label="angular velocity", title=f"{label}: (z_2, z_3)")  # fmt: skip
+    for n in range(2):
+        plot_latent_trajectories(
+            folder / f"filtered_{n}.png", np.asarray(filtered.mean[n]),
+            np.asarray(jnp.diagonal(filtered.cov[n], 0, -2, -1)), test["states"][n],
+            truth_labels=["angle", "angular velocity"],
+            title=f"{label}: filtered z (+-2 sd), held-out sequence {n}",
+        )  # fmt: skip
+    save_image_grid(folder / "prediction_0.png",
+                    [test["obs"][0], np.asarray(pred.predictions[0])],
+                    ["truth", f"predicted (z_0 | {CONTEXT} frames)"], image_shape=(16, 16),
+                    title=f"{label}: smoothed-start prediction, held-out sequence 0")  # fmt: skip
+
+
 def markdown(rows: list[dict], cfg: dict) -> str:
     lines = [
         f"EKVAE on pendulum images ({cfg['train']} training / {cfg['test']} held-out sequences "
         f"of 15 frames, {cfg['steps']} updates, batch {cfg['batch']})",
         "",
-        "| model | R^2 angle | R^2 velocity | held-out bound / seq. | lambda or beta | "
-        "train s | paper R^2 (angle, velocity) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | R^2 angle | R^2 velocity | MSE (smoothed) predict | held-out bound / seq. | "
+        "lambda or beta | train s | paper (R^2 angle, velocity, MSE) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        paper = "-" if r["paper_r2"] is None else f"{r['paper_r2'][0]}, {r['paper_r2'][1]}"
+        paper = "-" if r["paper_r2"] is None else ", ".join(f"{x:.3g}" for x in r["paper_r2"])
         lines.append(
             f"| {r['model']} | {r['r2_angle']:.3f} | {r['r2_velocity']:.3f} | "
-            f"{r['test_elbo_per_sequence']:.1f} | {r['lambda_or_beta']:.3g} | "
+            f"{r['prediction_mse']:.3g} | {r['test_elbo_per_sequence']:.1f} | "
+            f"{r['lambda_or_beta']:.3g} | "
             f"{r['train_seconds']:.0f} | {paper} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny smoke-test configuration")
-    parser.add_argument("--steps", type=int, default=None, help="updates per variant")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated, among {', '.join(VARIANTS)}")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a configuration entry (e.g. slack=0.1, nu=0.05)",
-    )
-    parser.add_argument("--out", default="runs/ekvae_pendulum")
-    args = parser.parse_args(argv)
-    cfg = dict(CONFIGS["quick" if args.quick else "full"])
-    if args.steps is not None:
-        cfg["steps"] = args.steps
-    for item in args.set:
-        name, _, value = item.partition("=")
-        try:
-            cfg[name] = json.loads(value)
-        except json.JSONDecodeError:
-            cfg[name] = value
-    keys = [k for k in args.variants.split(",") if k]
-    unknown = set(keys) - set(VARIANTS)
-    if unknown:
-        raise ValueError(f"unknown variants {sorted(unknown)}; choose among {list(VARIANTS)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg, keys, out, args = parse_config(argv, __doc__.split("\n")[0], CONFIGS,
+                                        "runs/ekvae_pendulum")  # fmt: skip
     train_set = pendulum_images(cfg["train"], 15, 16, seed=args.seed)
     test_set = pendulum_images(cfg["test"], 15, 16, seed=args.seed + 1000)
     train = {**model_data(train_set), "states": train_set["states"]}
