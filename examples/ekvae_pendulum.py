@@ -31,6 +31,10 @@ min per seed for all four; R^2 angle / velocity, then the held-out bound per seq
     1     0.918 / 0.977  -159.3  0.859 / 0.676  -162.7  0.895 / 0.839  -164.8  0.909 / 0.659  -165.0
     2     0.849 / 0.814  -163.9  0.920 / 0.912  -160.4  0.833 / 0.791  -165.3  0.942 / 0.921  -160.0
 
+Smoothed-start prediction MSE per pixel (seed 0; ``z_0`` from frames 0-4, all 15 frames
+predicted): annealing 3.36e-2, CO 1.84e-2, VHP annealing 3.48e-2, VHP CO 2.53e-2 (paper: 1.94e-3,
+3.53e-4, -, 1.99e-4).
+
 Not reached: VHP-EKVAE (CO) does not reach R^2 >= 0.95 on both (best: seed 2, 0.942 / 0.921), and
 CO does not beat annealing consistently (seed 1: EKVAE (annealing) 0.918 / 0.977 against EKVAE
 (CO) 0.859 / 0.676). What does hold: CO beats annealing in 5 of 6 (seed, prior) pairs on the angle
