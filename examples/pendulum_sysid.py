@@ -142,6 +142,19 @@ def smoothed_latents(model):
     return latents
 
 
+def kalmamba_latents(model):
+    """KalMamba: the smoothed ``z`` and the backbone's output ``m_t`` (which sees the frames up to
+    ``t`` and sets the dynamics; like the RSSM's ``h`` it can carry what ``z`` does not)."""
+    smoothed = smoothed_latents(model)
+
+    def latents(params, key, batch):
+        with handlers.block(), handlers.substitute(data=params):
+            m = model.forward(model.prepare(batch["obs"], batch.get("actions"))).m
+        return {**smoothed(params, key, batch), "m": (m, None)}
+
+    return latents
+
+
 def rssm_latents(model, guide):
     """``z`` (the filtering posterior's means), ``h`` (the deterministic path recomputed from
     the guide's samples) and the features ``[h, z]``."""
@@ -212,10 +225,11 @@ def build_kalmamba(args) -> ModelEntry:
     )  # fmt: skip
     note = (
         "kalmamba: trained with its own objective (Mahalanobis regulariser, alpha 1, MC "
-        "dropout); open-loop its backbone sees masked steps (no observation)."
+        "dropout); latents: the smoothed z and the backbone output m; open-loop its backbone "
+        "sees masked steps (no observation)."
     )
     guide = guides.kalman_smoothing(model)
-    return ModelEntry(model, guide, KalMambaELBO(), smoothed_latents(model), note)
+    return ModelEntry(model, guide, KalMambaELBO(), kalmamba_latents(model), note)
 
 
 def build_rssm_world_model(args) -> ModelEntry:
