@@ -44,6 +44,7 @@ import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -267,17 +268,34 @@ def pendulum_images(
         num_sequences, length, size, seed, controls, dt, substeps, max_torque, supersample,
         initial_velocity,
     )  # fmt: skip
+    return cached("pendulum", config, _generate, _metadata, cache=cache, cache_dir=cache_dir)
+
+
+def cached(
+    prefix: str,
+    config: dict,
+    generate: Callable[[dict], dict],
+    describe: Callable[[dict, str], dict],
+    *,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict:
+    """``{**generate(config), "metadata": describe(config, key) + cache_path}``, the arrays read
+    from / written to ``<cache_dir>/<prefix>_<key>.npz`` (metadata beside it as ``.json``),
+    ``key`` a hash of the JSON ``config`` (which must hold everything the data depend on).
+    ``cache=False``: always generate, write nothing (``cache_path`` is ``None``). Written to a
+    temporary file and renamed, so readers never see a partial file."""
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:20]
-    metadata = _metadata(config, key)
+    metadata = describe(config, key)
     if not cache:
-        return {**_generate(config), "metadata": {**metadata, "cache_path": None}}
+        return {**generate(config), "metadata": {**metadata, "cache_path": None}}
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = directory / f"pendulum_{key}.npz"
+    path = directory / f"{prefix}_{key}.npz"
     data = _load(path)
     if data is None:
-        data = _generate(config)
+        data = generate(config)
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")  # write then rename: readers never see a partial file
+        tmp = path.with_suffix(".tmp.npz")
         np.savez_compressed(tmp, **data)
         os.replace(tmp, path)
         path.with_suffix(".json").write_text(json.dumps(metadata, indent=2))

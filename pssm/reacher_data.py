@@ -40,14 +40,11 @@ Results are a pure function of the configuration and seed (one ``numpy`` generat
 :data:`VERSION`.
 """
 
-import hashlib
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 
-from .datasets import _load, default_cache_dir, wrap_angle
+from .datasets import cached, wrap_angle
 
 VERSION = 1
 DT = 0.02  # the reacher's physics and control time step (reacher.xml)
@@ -177,18 +174,4 @@ def reacher_angles(
             f"{num_sequences}, {length}, {burn_in}, {action_repeat}"
         )
     config = _config(num_sequences, length, seed, burn_in, action_repeat)
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:20]
-    metadata = _metadata(config, key)
-    if not cache:
-        return {**_generate(config), "metadata": {**metadata, "cache_path": None}}
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = directory / f"reacher_{key}.npz"
-    data = _load(path)
-    if data is None:
-        data = _generate(config)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")  # write then rename: readers never see a partial file
-        np.savez_compressed(tmp, **data)
-        os.replace(tmp, path)
-        path.with_suffix(".json").write_text(json.dumps(metadata, indent=2))
-    return {**data, "metadata": {**metadata, "cache_path": str(path)}}
+    return cached("reacher", config, _generate, _metadata, cache=cache, cache_dir=cache_dir)
