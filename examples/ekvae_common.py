@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 import optax
 from numpyro import handlers
@@ -133,6 +134,21 @@ def smoothed_start_prediction(
         return decode_means(model, params, jnp.einsum("ij,btj->bti", H, z))
 
     return open_loop_mse(predict, params, key, start(params, obs, actions), actions, obs)
+
+
+def training_summary(history: list[dict], seconds: float, cfg: dict) -> dict:
+    """The end of a training run for a results row: the mean training bound of the last 100
+    updates, the final distortion, rate, multiplier (CO) or beta (annealing) and D0."""
+    last = history[-1]
+    return {
+        "train_elbo_last100": float(np.mean([h["elbo"] for h in history[-100:]])),
+        "final_distortion": float(last["distortion"]),
+        "final_rate": float(last["rate"]),
+        "lambda_or_beta": float(last.get("lagrange_multiplier", last.get("beta", np.nan))),
+        "d0": float(last["d0"]) if "d0" in last else None,
+        "train_seconds": seconds,
+        "steps": cfg["steps"],
+    }
 
 
 # ---- command line ----------------------------------------------------------------------------

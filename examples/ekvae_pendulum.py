@@ -93,6 +93,7 @@ from examples.ekvae_common import (  # noqa: E402
     objective_for,
     parse_config,
     smoothed_start_prediction,
+    training_summary,
 )
 from examples.ekvae_common import train as train_objective  # noqa: E402
 from inference.evaluation import (  # noqa: E402
@@ -154,7 +155,6 @@ def run_variant(key: str, cfg: dict, train: dict, test: dict, seed: int, out: Pa
     pred = smoothed_start_prediction(model, guide, params, jax.random.key(seed + 11), obs_test,
                                      context=CONTEXT)  # fmt: skip
     figures(out / key, label, latents, test, posterior(params, obs_test[:2], "filter"), pred)
-    last = history[-1]
     return {
         "variant": key,
         "model": label,
@@ -163,13 +163,7 @@ def run_variant(key: str, cfg: dict, train: dict, test: dict, seed: int, out: Pa
         "prediction_mse": pred.mse,
         "prediction_mse_per_step": [float(x) for x in pred.per_step],
         "test_elbo_per_sequence": held["elbo_per_sequence"],
-        "train_elbo_last100": float(np.mean([h["elbo"] for h in history[-100:]])),
-        "final_distortion": float(last["distortion"]),
-        "final_rate": float(last["rate"]),
-        "lambda_or_beta": float(last.get("lagrange_multiplier", last.get("beta", np.nan))),
-        "d0": float(last["d0"]) if "d0" in last else None,
-        "train_seconds": seconds,
-        "steps": cfg["steps"],
+        **training_summary(history, seconds, cfg),
         "paper_r2": PAPER.get(key),
     }
 

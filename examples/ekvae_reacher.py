@@ -84,6 +84,7 @@ from examples.ekvae_common import (  # noqa: E402
     parse_config,
     smoothed_start_prediction,
     train,
+    training_summary,
 )
 from inference.evaluation import heldout_elbo, plot_latent_trajectories, r2_ols  # noqa: E402
 from pssm.ekvae import ekvae, ekvae_guide, infer_latents  # noqa: E402
@@ -217,7 +218,6 @@ def run_variant(key: str, cfg: dict, train_set: dict, test_set: dict, seed: int,
         plot_prediction(folder / f"prediction_{n}.png", test_set["obs"][n],
                         np.asarray(pred.predictions[n]), context,
                         f"{label}: smoothed-start prediction, sequence {n}")  # fmt: skip
-    last = history[-1]
     return {
         "variant": key,
         "model": label,
@@ -226,13 +226,7 @@ def run_variant(key: str, cfg: dict, train_set: dict, test_set: dict, seed: int,
         "prediction_mse_after_context": float(np.mean(pred.per_step[context:])),
         "prediction_mse_per_step": [float(x) for x in pred.per_step],
         "test_elbo_per_sequence": held["elbo_per_sequence"],
-        "train_elbo_last100": float(np.mean([h["elbo"] for h in history[-100:]])),
-        "final_distortion": float(last["distortion"]),
-        "final_rate": float(last["rate"]),
-        "lambda_or_beta": float(last.get("lagrange_multiplier", last.get("beta", np.nan))),
-        "d0": float(last["d0"]) if "d0" in last else None,
-        "train_seconds": seconds,
-        "steps": cfg["steps"],
+        **training_summary(history, seconds, cfg),
         "paper": PAPER.get(key),
     }
 
