@@ -30,9 +30,18 @@ def _to_numpy(leaf):
     return np.asarray(jax.random.key_data(leaf)) if _is_key(leaf) else np.asarray(leaf)
 
 
-def save(root: str | os.PathLike, step: int, trees: dict[str, PyTree], meta: dict, keep: int = 2):
-    """Write checkpoint ``step`` with the pytrees ``trees`` and the JSON-able ``meta``; keep the
-    newest ``keep`` checkpoints. Returns the checkpoint directory."""
+def save(
+    root: str | os.PathLike,
+    step: int,
+    trees: dict[str, PyTree],
+    meta: dict,
+    keep: int = 2,
+    files: dict[str, Any] | None = None,
+):
+    """Write checkpoint ``step`` with the pytrees ``trees``, the JSON-able ``meta`` and the
+    ``files`` (``{name: writer}``, ``writer(path)`` writes the file, e.g. a replay buffer's
+    ``save``; written before the checkpoint is renamed into place, so a complete checkpoint
+    always has them); keep the newest ``keep`` checkpoints. Returns the checkpoint directory."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"ckpt-{int(step):010d}"
@@ -43,6 +52,8 @@ def save(root: str | os.PathLike, step: int, trees: dict[str, PyTree], meta: dic
             arrays[f"{name}/{i}"] = _to_numpy(leaf)
     with open(tmp / "trees.npz", "wb") as f:
         np.savez(f, **arrays)
+    for name, writer in (files or {}).items():
+        writer(tmp / name)
     (tmp / "meta.json").write_text(json.dumps({"step": int(step), **meta}, indent=1))
     _fsync_dir(tmp)
     if final.exists():

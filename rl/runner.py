@@ -264,8 +264,8 @@ def run(
     start = time.time()
 
     def save():
-        ckpt = checkpoint.save(ckpt_root, meta["steps"], {"state": state}, meta)
-        replay.save(ckpt / "replay.npz")
+        files = {"replay.npz": replay.save}  # inside the checkpoint before it is complete
+        checkpoint.save(ckpt_root, meta["steps"], {"state": state}, meta, files=files)
 
     while meta["steps"] < total_steps:
         episode = meta["episodes"]
