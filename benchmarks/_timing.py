@@ -10,6 +10,8 @@ Two pieces:
   reported as skipped instead of hanging the whole benchmark.
 """
 
+import contextlib
+import fcntl
 import importlib
 import multiprocessing as mp
 import os
@@ -88,10 +90,34 @@ def time_compiled(
     return warmup, times, out
 
 
-def benchmark(fn: Callable, *args, repeats: int = 5, budget_s: float | None = None) -> Timing:
-    """Compile ``fn`` for ``args`` and time it (see the module docstring)."""
+@contextlib.contextmanager
+def exclusive(lock_path: str | os.PathLike | None):
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing) for the block; no-op for
+    ``None``. Benchmark processes that share one accelerator take it around their *timed* calls
+    only, so their compilations (host work) overlap while no two of them time at once."""
+    if lock_path is None:
+        yield
+        return
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def benchmark(
+    fn: Callable,
+    *args,
+    repeats: int = 5,
+    budget_s: float | None = None,
+    lock_path: str | os.PathLike | None = None,
+) -> Timing:
+    """Compile ``fn`` for ``args`` and time it (see the module docstring); the warm-up and timed
+    calls run under :func:`exclusive` ``(lock_path)``."""
     compiled, compile_s = compile_timed(fn, *args)
-    warmup, times, _ = time_compiled(compiled, *args, repeats=repeats, budget_s=budget_s)
+    with exclusive(lock_path):
+        warmup, times, _ = time_compiled(compiled, *args, repeats=repeats, budget_s=budget_s)
     return Timing(compile_s, warmup, times, memory_bytes(compiled))
 
 

@@ -71,7 +71,7 @@ def batch(B: int, T: int, seed: int = 0) -> dict:
     }
 
 
-def step_timing(name: str, latent: int, hidden: int, B: int, T: int, repeats: int):
+def step_timing(name: str, latent: int, hidden: int, B: int, T: int, repeats: int, lock_path=None):
     wm = build(name, latent, hidden)
     optimizer = optax.adam(1e-3)
     data = batch(B, T)
@@ -80,7 +80,7 @@ def step_timing(name: str, latent: int, hidden: int, B: int, T: int, repeats: in
     def one_step(state, data):
         return training.train_steps(wm.objective, optimizer, state, data, 1, batch_size=B)
 
-    return benchmark(one_step, state, data, repeats=repeats, budget_s=30.0)
+    return benchmark(one_step, state, data, repeats=repeats, budget_s=30.0, lock_path=lock_path)
 
 
 def main(argv=None) -> dict:
@@ -93,9 +93,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds per step to stop")
     parser.add_argument("--out", default="benchmarks/results/world_models.json")
+    parser.add_argument(
+        "--lock",
+        default=None,
+        help="a lock file shared by several benchmark processes on one device (e.g. one per "
+        "model): they compile concurrently and take the lock for their timed calls only",
+    )
     args = parser.parse_args(argv)
     latent, hidden = (230, 300) if args.preset == "gpu" else (32, 64)
     Ts = args.T or ([32, 64, 128] if args.quick else [32, 64, 128, 256, 512, 1024])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     device = jax.devices()[0]
     results = {"device": f"{device.platform}: {device.device_kind}", "cpu": platform.processor(),
                "latent": latent, "hidden": hidden, "batch": args.batch, "rows": []}  # fmt: skip
@@ -103,16 +111,15 @@ def main(argv=None) -> dict:
     print("| model | T | compile s | step ms (median) |\n|---|---|---|---|")
     for name in args.models:
         for T in Ts:
-            t = step_timing(name, latent, hidden, args.batch, T, args.repeats)
-            row = {"model": name, "T": T, "compile_s": t.compile_s, "step_ms": 1e3 * t.median_s}
+            t = step_timing(name, latent, hidden, args.batch, T, args.repeats, args.lock)
+            row = {"model": name, "T": T, "compile_s": t.compile_s, "step_ms": 1e3 * t.median_s,
+                   "min_ms": 1e3 * t.min_s, "repeats": len(t.times_s)}  # fmt: skip
             results["rows"].append(row)
             print(f"| {name} | {T} | {t.compile_s:.1f} | {1e3 * t.median_s:.1f} |", flush=True)
-            if t.median_s > args.budget:
+            out.write_text(json.dumps(results, indent=1))  # after every row: a killed run keeps
+            if t.median_s > args.budget:  # what it measured
                 print(f"| {name} | > {T} | skipped: step above {args.budget} s |")
                 break
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
     return results
 
 

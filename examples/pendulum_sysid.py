@@ -224,12 +224,12 @@ def build_kalmamba(args) -> ModelEntry:
         seed=args.seed,
     )  # fmt: skip
     note = (
-        "kalmamba: trained with its own objective (Mahalanobis regulariser, alpha 1, MC "
-        "dropout); latents: the smoothed z and the backbone output m; open-loop its backbone "
-        "sees masked steps (no observation)."
+        f"kalmamba: trained with its own objective (Mahalanobis regulariser, alpha "
+        f"{args.alpha:g}, MC dropout); latents: the smoothed z and the backbone output m; "
+        "open-loop its backbone sees masked steps (no observation)."
     )
     guide = guides.kalman_smoothing(model)
-    return ModelEntry(model, guide, KalMambaELBO(), kalmamba_latents(model), note)
+    return ModelEntry(model, guide, KalMambaELBO(alpha=args.alpha), kalmamba_latents(model), note)
 
 
 def build_rssm_world_model(args) -> ModelEntry:
@@ -472,7 +472,8 @@ def markdown(rows: list[dict], args, notes=()) -> str:
     lines += [
         "",
         f"| model | test ELBO / seq | MSE recon | MSE predict (filtered, {c} frames) | "
-        f"MSE predict (z_0 given {c} frames) | MSE predict (filtered, world model) | train s |",
+        f"MSE predict (z_0 given {c} frames) | MSE predict (filtered, world model) | "
+        "train s (updates) |",
         "|---|---|---|---|---|---|---|",
     ]
     seen = set()
@@ -480,12 +481,13 @@ def markdown(rows: list[dict], args, notes=()) -> str:
         if r["model"] in seen or "mse_filtered" not in r:
             continue
         seen.add(r["model"])
+        updates = f" ({r['train_steps']})" if "train_steps" in r else ""
         lines.append(
             f"| {r['model']} | {_fmt(r.get('test_elbo_per_sequence'), '.1f')} | "
             f"{_fmt(r.get('mse_reconstruction'), '.2e')} | {_fmt(r['mse_filtered'], '.2e')} | "
             f"{_fmt(r['mse_smoothed'], '.2e')} | "
             f"{_fmt(r.get('mse_filtered_world_model'), '.2e')} | "
-            f"{_fmt(r.get('train_seconds'), '.0f')} |"
+            f"{_fmt(r.get('train_seconds'), '.0f')}{updates} |"
         )
     lines += [
         "",
@@ -524,14 +526,18 @@ def run(args) -> dict:
             objective, train_batch, optax.adam(args.lr), num_steps=args.steps,
             batch_size=min(args.batch_size, args.sequences), key=jax.random.key(args.seed),
             steps_per_call=min(100, args.steps), progress=args.progress,
+            callback=_time_limit(start, args.max_train_minutes),
         )  # fmt: skip
         seconds = time.perf_counter() - start
+        if len(history) < args.steps:
+            print(f"{name}: stopped at the time limit after {len(history)} of {args.steps} updates")
         tail = history[-max(1, len(history) // 10) :]
         train_elbo = float(np.mean([h["elbo"] for h in tail])) / min(
             args.batch_size, args.sequences
         )
         for row in evaluate_model(name, entry, objective, state, train, test, args, out):
-            rows.append({**row, "train_seconds": seconds, "train_elbo_per_sequence": train_elbo})
+            rows.append({**row, "train_seconds": seconds, "train_elbo_per_sequence": train_elbo,
+                         "train_steps": len(history)})  # fmt: skip
         print(f"{name}: trained in {seconds:.0f} s")
     rows += baselines(train, test, args)
     table = markdown(rows, args, notes)
@@ -543,6 +549,14 @@ def run(args) -> dict:
     print(table)
     print(f"results and figures under {out}")
     return result
+
+
+def _time_limit(start: float, minutes: float | None):
+    """A :func:`inference.training.fit` callback that stops training once ``minutes`` of wall
+    time have passed since ``start`` (``None``: no limit)."""
+    if minutes is None:
+        return None
+    return lambda state, records: time.perf_counter() - start > 60.0 * minutes
 
 
 QUICK = dict(sequences=24, test_sequences=12, length=8, steps=20, batch_size=12, latent=3,
@@ -571,11 +585,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--deter", type=int, default=64, help="RSSM deterministic size")
     add("--hidden", type=int, default=128, help="hidden width of every network")
     add("--free-nats", type=float, default=3.0, help="VRKN's free nats per step (VRKN: 3)")
+    add("--alpha", type=float, default=1.0,
+        help="KalMamba's weight of the Mahalanobis regulariser between m_t and the filtered "
+             "mean (KalMamba: 1)")  # fmt: skip
     add("--obs-var", type=float, default=0.01, help="pixel variance of the Gaussian decoders")
     add("--context", type=int, default=5, help="frames conditioned on before predicting")
     add("--eval-particles", type=int, default=8, help="particles of the held-out ELBO")
     add("--predict-samples", type=int, default=1,
         help="predictions averaged before scoring (1: one sampled future, as EKVAE)")  # fmt: skip
+    add("--max-train-minutes", type=float, default=None,
+        help="stop each model's training after this many minutes (the updates done are "
+             "reported as train_steps)")  # fmt: skip
     add("--seed", type=int, default=0)
     add("--out", default="runs/pendulum_sysid")
     add("--quick", action="store_true", help=f"tiny smoke run: {QUICK}")
