@@ -24,7 +24,9 @@ SIZES = dict(latent_dim=D, hidden=4, mlp_hidden=4)
 
 @pytest.fixture(scope="module")
 def models():
-    """``{mc_dropout: (model, params)}``, params with a random initial mean and variance."""
+    """``{mc_dropout: (model, params)}``, params with a random initial mean and variance and a
+    random transition output layer (it is initialised at zero: the transition would not depend
+    on its inputs, and the tests below would not see a wrong input)."""
     out = {}
     for mc_dropout in (True, False):
         model = vrkn(DIMS, U, mc_dropout=mc_dropout, reward=True, **SIZES)
@@ -33,6 +35,8 @@ def models():
         rng = np.random.default_rng(1)
         params["vrkn_m0"] = jnp.asarray(rng.normal(size=D))
         params["vrkn_P0"] = jnp.asarray(rng.uniform(0.2, 2.0, size=D))
+        trans = params["vrkn_transition$params"]
+        trans["out"] = {k: jnp.asarray(rng.normal(size=v.shape)) for k, v in trans["out"].items()}
         out[mc_dropout] = model, params
     return out
 
@@ -306,3 +310,25 @@ def test_world_model_filter_sequence_matches_model_filter(batch, models, world_m
     mcd = world_models[True]
     one, two = (mcd.imagine(params, jax.random.key(k), start, a) for k in (3, 4))
     assert not np.array_equal(one.mean, two.mean)  # fresh dropout masks per key
+
+
+def test_untrained_transition_is_the_damped_resting_point_and_the_filter_stays_bounded():
+    """VRKN's transition starts at ``(A, b, Q) = (0.9, 0, 0.01)`` for every input, so an untrained
+    filter is stable on long sequences. With a randomly initialised output layer, ``b_t(mu)`` fed
+    the filtered mean back with a gain above 1: at these sizes ``|mu_t|`` reached ~1e3 within 512
+    steps of unit-variance data (and overflowed float32 before T = 1024 at VRKN's 230 / 300)."""
+    model = vrkn(8, 2, latent_dim=32, hidden=64, mlp_hidden=(64, 64), seed=0)
+    with handlers.seed(rng_seed=0):
+        n = model.networks()
+    rng = np.random.default_rng(0)
+    mean = jnp.asarray(rng.normal(scale=5.0, size=(6, 32)), jnp.float32)
+    A, b, Q = n.transition(mean, jnp.asarray(rng.normal(size=(6, 2)), jnp.float32))
+    np.testing.assert_allclose(A, 0.9, rtol=1e-6)
+    np.testing.assert_allclose(b, 0.0, atol=0)
+    np.testing.assert_allclose(Q, 0.01, rtol=1e-5)
+    obs = jnp.asarray(rng.normal(size=(4, 512, 8)), jnp.float32)
+    actions = jnp.asarray(rng.uniform(-1, 1, size=(4, 512, 2)), jnp.float32)
+    with handlers.seed(rng_seed=0):
+        filtered = jax.jit(model.filter)(obs, actions)
+    assert np.all(np.isfinite(filtered.mean))
+    assert float(jnp.max(jnp.abs(filtered.mean))) < 10.0
