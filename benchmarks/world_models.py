@@ -5,6 +5,7 @@ Usage (from the repository root)::
     .venv/bin/python -m benchmarks.world_models --quick       # T in {32, 64, 128}, small sizes
     .venv/bin/python -m benchmarks.world_models               # T in {32, 64, ..., 1024}
     .venv/bin/python -m benchmarks.world_models --preset gpu  # the papers' sizes (latent 230)
+    .venv/bin/python -m benchmarks.world_models --preset gpu --jobs 9  # a process per (model, T)
 
 One training step is one gradient update of the world model's objective (its ELBO with the
 reward term) on a batch of ``B`` sequences of length ``T`` of low-dimensional observations and
@@ -27,8 +28,12 @@ if "concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
     ).strip()
 
 import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -94,6 +99,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--budget", type=float, default=20.0, help="seconds per step to stop")
     parser.add_argument("--out", default="benchmarks/results/world_models.json")
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="run each (model, T) in its own process, this many at a time, sharing one lock: "
+        "compilations overlap (a KalMamba step takes ~1 min to compile on a GPU), timings do "
+        "not; the skip rule of --budget does not apply",
+    )
+    parser.add_argument(
         "--lock",
         default=None,
         help="a lock file shared by several benchmark processes on one device (e.g. one per "
@@ -104,6 +117,8 @@ def main(argv=None) -> dict:
     Ts = args.T or ([32, 64, 128] if args.quick else [32, 64, 128, 256, 512, 1024])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.jobs > 1:
+        return run_parallel(args, Ts, out)
     device = jax.devices()[0]
     results = {"device": f"{device.platform}: {device.device_kind}", "cpu": platform.processor(),
                "latent": latent, "hidden": hidden, "batch": args.batch, "rows": []}  # fmt: skip
@@ -120,6 +135,42 @@ def main(argv=None) -> dict:
             if t.median_s > args.budget:  # what it measured
                 print(f"| {name} | > {T} | skipped: step above {args.budget} s |")
                 break
+    return results
+
+
+def run_parallel(args, Ts: list[int], out: Path) -> dict:
+    """Every ``(model, T)`` of the sweep in a process of its own (this module with ``--jobs 1``),
+    ``args.jobs`` at a time, all under one lock file (:func:`benchmarks._timing.exclusive`);
+    rows are merged into ``out`` as they finish, so a killed sweep keeps what it measured."""
+    lock = args.lock or str(Path(tempfile.gettempdir()) / f"world_models_{os.getpid()}.lock")
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # several processes, one GPU
+    results = {"rows": [], "failed": []}
+
+    def one(job):
+        name, T = job
+        part = out.with_name(f"{out.stem}.{name}-{T}.json")
+        cmd = [sys.executable, "-m", "benchmarks.world_models", "--preset", args.preset,
+               "--models", name, "--T", str(T), "--batch", str(args.batch),
+               "--repeats", str(args.repeats), "--lock", lock, "--out", str(part)]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        return job, part, proc
+
+    print("| model | T | compile s | step ms (median) |\n|---|---|---|---|", flush=True)
+    jobs = [(name, T) for name in args.models for T in Ts]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        for (name, T), part, proc in pool.map(one, jobs):
+            rows = json.loads(part.read_text())["rows"] if part.exists() else []
+            if proc.returncode or not rows:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+                results["failed"].append({"model": name, "T": T, "error": " ".join(tail)})
+                print(f"| {name} | {T} | failed: {' '.join(tail)} |", flush=True)
+            for r in rows:
+                print(f"| {name} | {T} | {r['compile_s']:.1f} | {r['step_ms']:.1f} |", flush=True)
+            header = json.loads(part.read_text()) if part.exists() else {}
+            results.update({k: v for k, v in header.items() if k != "rows"})
+            results["rows"] += rows
+            part.unlink(missing_ok=True)
+            out.write_text(json.dumps(results, indent=1))
     return results
 
 
