@@ -263,7 +263,7 @@ def test_sysid_example_quick_vrkn(tmp_path):
 @pytest.mark.slow
 def test_sysid_example_vrkn_identifies_angle_and_velocity(tmp_path):
     """The issue's target: VRKN (the paper's H = I, latent 64, 15k updates) reaches held-out
-    R^2 >= 0.95 for the angle and for the velocity (measured 0.991 / 0.966; ~8 min of CPU)."""
+    R^2 >= 0.95 for the angle and for the velocity (measured 0.994 / 0.957; 4-8 min of CPU)."""
     from examples import pendulum_sysid
 
     result = pendulum_sysid.main(
@@ -271,6 +271,22 @@ def test_sysid_example_vrkn_identifies_angle_and_velocity(tmp_path):
          "--no-progress"]
     )  # fmt: skip
     r = {(r["model"], r["latents"]): r for r in result["rows"]}["vrkn", "z"]
+    assert r["r2_angle"] >= 0.95 and r["r2_velocity"] >= 0.95, r
+
+
+@pytest.mark.slow
+def test_sysid_example_kalmamba_identifies_angle_and_velocity(tmp_path):
+    """The issue's target for KalMamba (the paper's model, H = I, alpha 1): latent 128 and 11.6k
+    updates reach held-out R^2 >= 0.95 for the angle and the velocity from the smoothed z
+    (measured 0.997 / 0.962 here with sequential scans, ~15 min of one CPU core; 0.997 / 0.966
+    on an H100 with the associative scans). At latent 64 the velocity stayed at 0.56-0.81."""
+    from examples import pendulum_sysid
+
+    result = pendulum_sysid.main(
+        ["--models", "kalmamba", "--latent", "128", "--steps", "11600", "--out", str(tmp_path),
+         "--no-progress"]
+    )  # fmt: skip
+    r = {(r["model"], r["latents"]): r for r in result["rows"]}["kalmamba", "z"]
     assert r["r2_angle"] >= 0.95 and r["r2_velocity"] >= 0.95, r
 
 
