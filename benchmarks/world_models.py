@@ -159,15 +159,15 @@ def run_parallel(args, Ts: list[int], out: Path) -> dict:
     jobs = [(name, T) for name in args.models for T in Ts]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         for (name, T), part, proc in pool.map(one, jobs):
-            rows = json.loads(part.read_text())["rows"] if part.exists() else []
+            data = json.loads(part.read_text()) if part.exists() else {}
+            rows = data.get("rows", [])
             if proc.returncode or not rows:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
                 results["failed"].append({"model": name, "T": T, "error": " ".join(tail)})
                 print(f"| {name} | {T} | failed: {' '.join(tail)} |", flush=True)
             for r in rows:
                 print(f"| {name} | {T} | {r['compile_s']:.1f} | {r['step_ms']:.1f} |", flush=True)
-            header = json.loads(part.read_text()) if part.exists() else {}
-            results.update({k: v for k, v in header.items() if k != "rows"})
+            results.update({k: v for k, v in data.items() if k != "rows"})
             results["rows"] += rows
             part.unlink(missing_ok=True)
             out.write_text(json.dumps(results, indent=1))
