@@ -137,11 +137,8 @@ class VRKNTransition(nnx.Module):
         self.pre = nnx.Linear(d + int(action_dim), h, **kw)
         self.gru = nets.GRU(h, d, **kw)
         self.post = nnx.Linear(d, h, **kw)
-        # zero-initialised output layer: an untrained transition is the resting point
-        # (A, b, Q) = (0.9, 0, 0.01) for every input, "a slightly dampened system" as the paper
-        # initialises it. With a random output layer b_t(mu) feeds the filtered mean back with a
-        # gain above 1 - at VRKN's sizes |mu_t| grew ~1.13x per step on unit-variance data and
-        # overflowed float32 before T = 1024 (found by the GPU benchmark at T = 1024).
+        # zero at initialisation: the damped resting point of the class docstring (a random W_3
+        # grew |mu_t| ~1.13x per step at VRKN's sizes and overflowed float32 before T = 1024)
         self.out = nnx.Linear(h, 3 * d, kernel_init=nnx.initializers.zeros_init(), **kw)
         self.dropout = MCDropout(rate)
         self.activation = activation
