@@ -5,7 +5,7 @@ Usage (from the repository root)::
     .venv/bin/python -m benchmarks.world_models --quick       # T in {32, 64, 128}, small sizes
     .venv/bin/python -m benchmarks.world_models               # T in {32, 64, ..., 1024}
     .venv/bin/python -m benchmarks.world_models --preset gpu  # the papers' sizes (latent 230)
-    .venv/bin/python -m benchmarks.world_models --preset gpu --jobs 9  # a process per (model, T)
+    .venv/bin/python -m benchmarks.world_models --preset gpu --jobs 9  # 9 processes: quick, noisier
 
 One training step is one gradient update of the world model's objective (its ELBO with the
 reward term) on a batch of ``B`` sequences of length ``T`` of low-dimensional observations and
@@ -104,7 +104,9 @@ def main(argv=None) -> dict:
         default=1,
         help="run each (model, T) in its own process, this many at a time, sharing one lock: "
         "compilations overlap (a KalMamba step takes ~1 min to compile on a GPU), timings do "
-        "not; the skip rule of --budget does not apply",
+        "not, but short steps are bound by host-side dispatch and slow down while other processes "
+        "compile (with 9 jobs on 16 cores, up to ~4x at small T): compare within one run; the "
+        "skip rule of --budget does not apply",
     )
     parser.add_argument(
         "--lock",
