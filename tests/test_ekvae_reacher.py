@@ -198,7 +198,9 @@ def test_quick_run_writes_finite_results(tmp_path):
 
 
 def test_pendulum_quick_run_writes_finite_results(tmp_path):
-    (row,) = ekvae_pendulum.main(["--quick", "--variants", "co", "--out", str(tmp_path)])
+    argv = ["--quick", "--variants", "co", "--set", "z_dim=4", "--out", str(tmp_path)]
+    (row,) = ekvae_pendulum.main(argv)
+    assert row["z_dim"] == 4  # (a_1, a_2, two dynamic coordinates)
     numbers = [row["r2_angle"], row["r2_velocity"], row["prediction_mse"],
                row["test_elbo_per_sequence"], *row["prediction_mse_per_step"]]  # fmt: skip
     assert np.all(np.isfinite(numbers)) and len(row["prediction_mse_per_step"]) == 15
