@@ -69,8 +69,8 @@ binds after the initial phase: every run above ends (and, CO, spends its main ph
 update itself (Eq. 8, Alg. 1; checked against a transcription in ``tests/test_constrained.py``)
 is not exercised at length here. A larger dynamic part of ``z`` (``--set z_dim=4``: seeds 0-2
 0.899 / 0.810, 0.842 / 0.720, 0.722 / 0.097; ``z_dim=8``, seed 0: 0.715 / 0.788) did not help
-either, unlike VRKN and KalMamba, whose velocity R^2 rose with the latent size: here the angle
-lives in ``a`` (two coordinates), whatever ``z``'s size.
+either, unlike VRKN and KalMamba, whose velocity R^2 rose with the latent size (a plausible
+reading, not proven: ``H`` ties the angle to ``a``'s two coordinates whatever ``z``'s size).
 
 Run ``python -m examples.ekvae_pendulum [--quick] [--steps N] [--variants co,co-vhp,...]
 [--seed S] [--set KEY=JSON]``. ``--quick`` is a smoke test (tiny data and networks, a few dozen
