@@ -38,6 +38,9 @@ VARIANTS = {  # name: (label, method, vhp)
     "co-vhp": ("VHP-EKVAE (CO)", "co", True),
 }
 
+#: Entries ``--set`` may add beside a configuration's own: the CO objective's options.
+OBJECTIVE_OPTIONS = ("calibration_rate_weight", "lambda_after", "slack", "nu")
+
 
 def objective_for(method: str, cfg: dict, model, guide):
     """The EKVAE bound under CO (``method="co"``) or annealing, as a training objective."""
@@ -177,6 +180,9 @@ def parse_config(argv, description: str, configs: dict, default_out: str):
         cfg["steps"] = args.steps
     for item in args.set:
         name, _, value = item.partition("=")
+        if name not in cfg and name not in OBJECTIVE_OPTIONS:
+            known = ", ".join(sorted([*cfg, *OBJECTIVE_OPTIONS]))
+            parser.error(f"--set {name}: unknown entry (known: {known})")
         try:
             cfg[name] = json.loads(value)
         except json.JSONDecodeError:

@@ -197,6 +197,15 @@ def test_quick_run_writes_finite_results(tmp_path):
         assert (tmp_path / "annealing" / name).stat().st_size > 1000
 
 
+def test_set_rejects_unknown_entries(capsys):
+    """A mistyped ``--set`` entry stops the run instead of being ignored."""
+    with pytest.raises(SystemExit):
+        ekvae_pendulum.main(["--quick", "--set", "z_dimm=4"])
+    assert "--set z_dimm: unknown entry" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ekvae_reacher.main(["--quick", "--set", "sleck=0.1"])
+
+
 def test_pendulum_quick_run_writes_finite_results(tmp_path):
     argv = ["--quick", "--variants", "co", "--set", "z_dim=4", "--out", str(tmp_path)]
     (row,) = ekvae_pendulum.main(argv)
