@@ -38,18 +38,20 @@ VARIANTS = {  # name: (label, method, vhp)
     "co-vhp": ("VHP-EKVAE (CO)", "co", True),
 }
 
-#: Entries ``--set`` may add beside a configuration's own: the CO objective's options.
-OBJECTIVE_OPTIONS = ("calibration_rate_weight", "lambda_after", "slack", "nu")
+#: The CO objective's options and their defaults: entries ``--set`` may add beside a
+#: configuration's own.
+CO_OPTIONS = {"calibration_rate_weight": 1.0, "lambda_after": None, "slack": 0.05, "nu": 0.1}
 
 
 def objective_for(method: str, cfg: dict, model, guide):
     """The EKVAE bound under CO (``method="co"``) or annealing, as a training objective."""
     inner = EKVAEBound()
     if method == "co":
+        o = {k: cfg.get(k, v) for k, v in CO_OPTIONS.items()}
         elbo = ConstrainedELBO(inner, calibration_steps=cfg["calibration"],
-                               calibration_rate_weight=cfg.get("calibration_rate_weight", 1.0),
-                               lambda_after_calibration=cfg.get("lambda_after"),
-                               slack=cfg.get("slack", 0.05), nu=cfg.get("nu", 0.1))  # fmt: skip
+                               calibration_rate_weight=o["calibration_rate_weight"],
+                               lambda_after_calibration=o["lambda_after"],
+                               slack=o["slack"], nu=o["nu"])  # fmt: skip
     else:
         elbo = AnnealedELBO(inner, warmup_steps=cfg["steps"] // 2)
     return training.elbo_objective(model, guide, elbo)
@@ -180,8 +182,8 @@ def parse_config(argv, description: str, configs: dict, default_out: str):
         cfg["steps"] = args.steps
     for item in args.set:
         name, _, value = item.partition("=")
-        if name not in cfg and name not in OBJECTIVE_OPTIONS:
-            known = ", ".join(sorted([*cfg, *OBJECTIVE_OPTIONS]))
+        if name not in cfg and name not in CO_OPTIONS:
+            known = ", ".join(sorted([*cfg, *CO_OPTIONS]))
             parser.error(f"--set {name}: unknown entry (known: {known})")
         try:
             cfg[name] = json.loads(value)
