@@ -231,8 +231,11 @@ def world_model_trainer(wm: WorldModel, cfg, example_batch):
                                     batch_size=batch, max_steps=512)  # fmt: skip
 
     def init(key):
-        return training.init_train_state(
-            wm.objective, optimizer, key, example_batch(batch, seq_len)
+        # jitted: run eagerly, the init traces the model op by op (hundreds of small compiles,
+        # ~15 s for KalMamba); the example batch is synthetic, so no data check is skipped
+        example = example_batch(batch, seq_len)
+        return jax.jit(lambda k: training.init_train_state(wm.objective, optimizer, k, example))(
+            key
         )
 
     def train(state, key, replay, updates):
