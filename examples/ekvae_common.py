@@ -159,11 +159,14 @@ def training_summary(history: list[dict], seconds: float, cfg: dict) -> dict:
 # ---- command line ----------------------------------------------------------------------------
 
 
-def parse_config(argv, description: str, configs: dict, default_out: str):
-    """``--quick``, ``--steps``, ``--variants``, ``--seed``, ``--set KEY=JSON``, ``--out``;
-    returns ``(cfg, variant keys, out directory, args)``."""
+def parse_config(argv, description: str, configs: dict, default_out: str, image_configs=None):
+    """``--quick``, ``--steps``, ``--variants``, ``--seed``, ``--set KEY=JSON``, ``--out``, and
+    ``--images`` (the configurations ``image_configs`` instead of ``configs``) when
+    ``image_configs`` is given; returns ``(cfg, variant keys, out directory, args)``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test configuration")
+    if image_configs is not None:
+        parser.add_argument("--images", action="store_true", help="learn from rendered images")
     parser.add_argument("--steps", type=int, default=None, help="updates per variant")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, among {', '.join(VARIANTS)}")  # fmt: skip
@@ -177,6 +180,8 @@ def parse_config(argv, description: str, configs: dict, default_out: str):
     )
     parser.add_argument("--out", default=default_out)
     args = parser.parse_args(argv)
+    if getattr(args, "images", False):
+        configs = image_configs
     cfg = dict(configs["quick" if args.quick else "full"])
     if args.steps is not None:
         cfg["steps"] = args.steps

@@ -77,6 +77,7 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from examples.ekvae_common import (  # noqa: E402
     VARIANTS,
@@ -86,9 +87,15 @@ from examples.ekvae_common import (  # noqa: E402
     train,
     training_summary,
 )
-from inference.evaluation import heldout_elbo, plot_latent_trajectories, r2_ols  # noqa: E402
+from inference.evaluation import (  # noqa: E402
+    heldout_elbo,
+    plot_latent_trajectories,
+    r2_ols,
+    save_image_grid,
+)
 from pssm.ekvae import ekvae, ekvae_guide, infer_latents  # noqa: E402
-from pssm.reacher_data import reacher_angles  # noqa: E402
+from pssm.layers import FlatImageDecoder, FlatImageEncoder  # noqa: E402
+from pssm.reacher_data import reacher_angles, reacher_images  # noqa: E402
 
 CONFIGS = {
     "full": dict(train=2000, test=500, length=30, steps=4000, batch=32, lr=1e-3,
@@ -97,6 +104,20 @@ CONFIGS = {
     "quick": dict(train=32, test=16, length=12, steps=30, batch=16, lr=1e-3, calibration=10,
                   hidden=16, bases=2, transition_hidden=8, obs_var=1e-3, context=5),
 }  # fmt: skip
+#: Table 1c: the same sequences rendered (``size`` x ``size`` RGB from camera 0), conv
+#: encoder/decoder (PlaNet's stacks, ``depth``), pixel intensities scored by the Bernoulli
+#: cross-entropy. The full configuration is GPU work (the paper's sizes: ~3 GB of images).
+IMAGE_CONFIGS = {
+    "full": dict(train=2000, test=500, length=30, size=64, steps=4000, batch=32, lr=1e-3,
+                 calibration=800, hidden=128, depth=32, bases=8, transition_hidden=64,
+                 context=5),
+    "quick": dict(train=8, test=4, length=8, size=48, steps=10, batch=4, lr=1e-3,
+                  calibration=4, hidden=16, depth=4, bases=2, transition_hidden=8, context=3),
+}  # fmt: skip
+PAPER_IMAGES = {  # Table 1c
+    "co-vhp": (0.980, 0.986, 0.991, 0.987, 1.64e-4),
+    "annealing": (0.672, 0.052, 0.668, 0.091, 1.82e-3),
+}
 PAPER = {  # Table 1b: R^2 (phi, psi, phi', psi'), prediction MSE
     "co-vhp": (0.988, 0.997, 0.989, 0.986, 2.13e-5),
     "annealing": (0.712, 0.835, 0.881, 0.339, 4.38e-4),
@@ -106,11 +127,23 @@ TARGETS = ("phi", "psi", "phi'", "psi'")
 
 def build(cfg: dict, vhp: bool, seed: int):
     h = cfg["hidden"]
-    model = ekvae(3, 3, 5, action_dim=2, num_bases=cfg["bases"],
-                  transition_hidden=(cfg["transition_hidden"],), decoder_hidden=(h, h),
-                  likelihood="gaussian", obs_var=cfg["obs_var"], vhp_dim=3 if vhp else None,
-                  vhp_hidden=(h // 2,), seed=seed)  # fmt: skip
-    return model, ekvae_guide(model, hidden=(h, h), seed=seed + 1)
+    common = dict(
+        action_dim=2,
+        num_bases=cfg["bases"],
+        vhp_dim=3 if vhp else None,
+        transition_hidden=(cfg["transition_hidden"],),
+        vhp_hidden=(h // 2,),
+        seed=seed,
+    )
+    if "size" not in cfg:  # joint angles (Table 1b)
+        model = ekvae(3, 3, 5, decoder_hidden=(h, h), likelihood="gaussian",
+                      obs_var=cfg["obs_var"], **common)  # fmt: skip
+        return model, ekvae_guide(model, hidden=(h, h), seed=seed + 1)
+    shape = (cfg["size"], cfg["size"], 3)  # images (Table 1c)
+    decoder = FlatImageDecoder(3, shape, depth=cfg["depth"], rngs=nnx.Rngs(seed + 2))
+    model = ekvae(int(np.prod(shape)), 3, 5, decoder=decoder, likelihood="bernoulli", **common)
+    encoder = FlatImageEncoder(shape, 3, depth=cfg["depth"], rngs=nnx.Rngs(seed + 1))
+    return model, ekvae_guide(model, encoder=encoder)
 
 
 def r2_targets(latents: np.ndarray, states: np.ndarray) -> dict:
@@ -215,9 +248,15 @@ def run_variant(key: str, cfg: dict, train_set: dict, test_set: dict, seed: int,
             np.asarray(jnp.diagonal(filtered.cov[n], 0, -2, -1)), test_set["states"][n],
             truth_labels=TARGETS, title=f"{label}: filtered z (+-2 sd), held-out sequence {n}",
         )  # fmt: skip
-        plot_prediction(folder / f"prediction_{n}.png", test_set["obs"][n],
-                        np.asarray(pred.predictions[n]), context,
-                        f"{label}: smoothed-start prediction, sequence {n}")  # fmt: skip
+        title = f"{label}: smoothed-start prediction, sequence {n}"
+        if "size" in cfg:
+            save_image_grid(folder / f"prediction_{n}.png",
+                            [test_set["obs"][n], np.asarray(pred.predictions[n])],
+                            ["truth", f"predicted (z_0 | {context} frames)"],
+                            image_shape=(cfg["size"], cfg["size"], 3), title=title)  # fmt: skip
+        else:
+            plot_prediction(folder / f"prediction_{n}.png", test_set["obs"][n],
+                            np.asarray(pred.predictions[n]), context, title)  # fmt: skip
     return {
         "variant": key,
         "model": label,
@@ -227,16 +266,19 @@ def run_variant(key: str, cfg: dict, train_set: dict, test_set: dict, seed: int,
         "prediction_mse_per_step": [float(x) for x in pred.per_step],
         "test_elbo_per_sequence": held["elbo_per_sequence"],
         **training_summary(history, seconds, cfg),
-        "paper": PAPER.get(key),
+        "paper": (PAPER_IMAGES if "size" in cfg else PAPER).get(key),
     }
 
 
 def markdown(rows: list[dict], cfg: dict, baseline: float) -> str:
+    if "size" in cfg:
+        data, unit = f"{cfg['size']}x{cfg['size']} RGB images", "pixel intensity in [0, 1]"
+    else:
+        data, unit = "joint angles", "feature of (cos phi, sin phi, psi)"
     lines = [
-        f"EKVAE on reacher joint angles ({cfg['train']} training / {cfg['test']} held-out "
+        f"EKVAE on reacher {data} ({cfg['train']} training / {cfg['test']} held-out "
         f"sequences of {cfg['length']} steps, {cfg['steps']} updates, batch {cfg['batch']}); "
-        f"MSE per feature of (cos phi, sin phi, psi); predicting the held-out mean scores "
-        f"{baseline:.3g}",
+        f"MSE per {unit}; predicting the held-out mean scores {baseline:.3g}",
         "",
         "| model | R^2 phi | R^2 psi | R^2 phi' | R^2 psi' | pred. MSE | MSE after context | "
         "held-out bound / seq. | lambda or beta | train s | paper (R^2 x4, MSE) |",
@@ -253,11 +295,24 @@ def markdown(rows: list[dict], cfg: dict, baseline: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def image_data(num_sequences: int, cfg: dict, seed: int) -> dict:
+    """:func:`reacher_images` with ``"obs"`` the flattened frames as floats in ``[0, 1]``."""
+    data = reacher_images(num_sequences, cfg["length"], seed=seed, size=cfg["size"])
+    images = data["images"]
+    flat = images.reshape(*images.shape[:2], -1).astype(np.float32) / 255.0
+    return {"obs": flat, "actions": data["actions"], "states": data["states"]}
+
+
 def main(argv=None) -> list[dict]:
-    cfg, keys, out, args = parse_config(argv, __doc__.split("\n")[0], CONFIGS,
-                                        "runs/ekvae_reacher")  # fmt: skip
-    train_set = reacher_angles(cfg["train"], cfg["length"], seed=args.seed)
-    test_set = reacher_angles(cfg["test"], cfg["length"], seed=args.seed + 1000)
+    cfg, keys, out, args = parse_config(
+        argv, __doc__.split("\n")[0], CONFIGS, "runs/ekvae_reacher", image_configs=IMAGE_CONFIGS
+    )
+    if args.images:
+        train_set = image_data(cfg["train"], cfg, args.seed)
+        test_set = image_data(cfg["test"], cfg, args.seed + 1000)
+    else:
+        train_set = reacher_angles(cfg["train"], cfg["length"], seed=args.seed)
+        test_set = reacher_angles(cfg["test"], cfg["length"], seed=args.seed + 1000)
     baseline = float(np.mean((test_set["obs"] - test_set["obs"].mean((0, 1))) ** 2))
     rows = []
     for key in keys:

@@ -25,6 +25,8 @@
   this project's CPUs (REFERENCE.md).
 
 Both conv stacks take any leading batch axes, ``(..., H, W, C)`` -> ``(..., F)`` and back.
+:class:`FlatImageEncoder` and :class:`FlatImageDecoder` wrap them for models whose
+observations are flattened images ``(..., H W C)`` (the EKVAE's ``p(x | a)`` and ``q(a | x)``).
 
 Image convention (:func:`preprocess_image` / :func:`postprocess_image`): networks see floats in
 ``[-0.5, 0.5]``; ``uint8`` pixels ``x`` become ``floor(x / 2^(8 - bits)) / 2^bits - 0.5`` with
@@ -245,3 +247,61 @@ class GaussianConvEncoder(nnx.Module):
 
     def __call__(self, image: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.head(self.trunk(image))
+
+
+class FlatImageEncoder(nnx.Module):
+    """Flattened images ``(..., H W C)`` in ``[0, 1]`` -> ``(loc, scale)`` ``(..., out_features)``
+    each: the images are shifted to ``[-0.5, 0.5]``, go through a :class:`ConvEncoder` trunk and
+    a linear head, ``scale = softplus(.) + min_scale`` (the encoder convention of
+    :class:`inference.guides.auxiliary.GaussianEncoder`, so it can stand in for it)."""
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        out_features: int,
+        *,
+        depth: int = 32,
+        min_scale: float = 1e-4,
+        activation: Activation = nnx.relu,
+        param_dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        self.trunk = ConvEncoder(
+            image_shape, depth=depth, activation=activation, param_dtype=param_dtype, rngs=rngs
+        )
+        dtype = param_dtype or default_param_dtype()
+        self.head = nnx.Linear(self.trunk.out_features, 2 * out_features, param_dtype=dtype,
+                               rngs=rngs)  # fmt: skip
+        self.image_shape, self.min_scale = self.trunk.image_shape, min_scale
+
+    def __call__(self, flat: jax.Array) -> tuple[jax.Array, jax.Array]:
+        size = self.image_shape[0] * self.image_shape[1] * self.image_shape[2]
+        if flat.shape[-1] != size:
+            raise ValueError(f"expected flattened images of {self.image_shape} ({size} values), "
+                             f"got last axis {flat.shape[-1]}")  # fmt: skip
+        images = flat.reshape((*flat.shape[:-1], *self.image_shape)) - 0.5
+        loc, raw = jnp.split(self.head(self.trunk(images)), 2, axis=-1)
+        return loc, jax.nn.softplus(raw) + self.min_scale
+
+
+class FlatImageDecoder(nnx.Module):
+    """Features ``(..., in_features)`` -> flattened image outputs ``(..., H W C)`` (a
+    :class:`ConvDecoder`; its outputs are read as Bernoulli logits or Gaussian means by the
+    model that owns it)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        image_shape: Sequence[int],
+        *,
+        depth: int = 32,
+        activation: Activation = nnx.relu,
+        param_dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        self.net = ConvDecoder(in_features, image_shape, depth=depth, activation=activation,
+                               param_dtype=param_dtype, rngs=rngs)  # fmt: skip
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        x = self.net(features)
+        return x.reshape((*x.shape[:-3], -1))

@@ -1,5 +1,6 @@
 """Reacher joint-angle sequences (EKVAE, Klushyn et al. 2021, "Latent Matters", Sec. 6, Table 1b),
-simulated here with MuJoCo through dm_control's ``reacher`` task (no rendering, no download).
+simulated here with MuJoCo through dm_control's ``reacher`` task (no download), and the same
+sequences rendered as RGB images (Table 1c).
 
 The paper's data set: 2000 sequences of 30 time steps of the dm_control ``reacher`` (Tassa et al.
 2018), *partially observed*: the angles of the two joints, no velocities; controls ``u_t`` the
@@ -33,6 +34,13 @@ bound); the wrist is limited, its angle is given as is. This matches Fig. 3's la
 (a circle for the shoulder times a segment for the wrist, "barrel shape"). The ground truth
 ``states = (phi wrapped to [-pi, pi), psi, phi', psi')`` is stored for evaluation only.
 
+Images (:func:`reacher_images`, Table 1c: "64 x 64 pixels RGB images"): the same simulation
+(same seed, same states and torques as :func:`reacher_angles`), each recorded step rendered
+from the task's camera 0 (the top-down ``fixed`` camera of the pixel-based DMC tasks) as
+``(size, size, 3)`` ``uint8``, headless (``MUJOCO_GL=egl`` unless already set; about 60
+renders per second at 64x64 on a CPU core: ~17 min for the paper's 2000 x 30 frames, once,
+then cached).
+
 Results are a pure function of the configuration and seed (one ``numpy`` generator seeded by
 ``seed`` draws the task's random state and all torques) and are cached like
 :func:`pssm.datasets.pendulum_images`: compressed ``.npz`` plus ``.json`` metadata under
@@ -63,14 +71,19 @@ def simulate_reacher(
     *,
     burn_in: int = 20,
     action_repeat: int = 1,
+    render_size: int | None = None,
+    camera_id: int = 0,
 ) -> dict:
     """Run the dm_control reacher under random torques (module docstring), in float64.
 
     Returns:
         ``{"qpos": (N, T, 2) unwrapped joint angles (shoulder, wrist), "qvel": (N, T, 2),
         "actions": (N, T, 2)}``: the state at each recorded step and the torque applied after
-        it.
+        it; with ``render_size`` also ``"images"`` ``(N, T, size, size, 3)`` ``uint8``, each
+        recorded state seen from camera ``camera_id``.
     """
+    if render_size is not None:
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless; read when dm_control loads
     from dm_control import suite  # imported here: MuJoCo loads only when data are simulated
 
     rng = np.random.default_rng(seed)
@@ -84,6 +97,9 @@ def simulate_reacher(
     n_draws = -(-steps // action_repeat)
     qpos, qvel = np.empty((N, T, 2)), np.empty((N, T, 2))
     actions = np.empty((N, T, 2))
+    images = (
+        None if render_size is None else np.empty((N, T, render_size, render_size, 3), np.uint8)
+    )
     for n in range(N):
         env.reset()  # task.initialize_episode: random joint angles, zero velocities
         draws = rng.uniform(spec.minimum, spec.maximum, (n_draws, 2))
@@ -93,20 +109,24 @@ def simulate_reacher(
             if t >= 0:
                 qpos[n, t], qvel[n, t] = physics.data.qpos, physics.data.qvel
                 actions[n, t] = torques[k]
+                if images is not None:
+                    images[n, t] = physics.render(render_size, render_size, camera_id=camera_id)
             physics.set_control(torques[k])  # what the task's before_step does
             physics.step()
-    return {"qpos": qpos, "qvel": qvel, "actions": actions}
+    out = {"qpos": qpos, "qvel": qvel, "actions": actions}
+    return out if images is None else {**out, "images": images}
 
 
-def _config(num_sequences, length, seed, burn_in, action_repeat) -> dict:
+def _config(num_sequences, length, seed, burn_in, action_repeat, size=None) -> dict:
     return {
-        "name": "reacher_angles",
+        "name": "reacher_angles" if size is None else "reacher_images",
         "version": VERSION,
         "num_sequences": int(num_sequences),
         "length": int(length),
         "seed": int(seed),
         "burn_in": int(burn_in),
         "action_repeat": int(action_repeat),
+        **({} if size is None else {"size": int(size), "camera_id": 0}),
     }
 
 
@@ -114,9 +134,12 @@ def _generate(config: dict) -> dict:
     sim = simulate_reacher(
         config["num_sequences"], config["length"], config["seed"],
         burn_in=config["burn_in"], action_repeat=config["action_repeat"],
+        render_size=config.get("size"), camera_id=config.get("camera_id", 0),
     )  # fmt: skip
     shoulder, wrist = sim["qpos"][..., 0], sim["qpos"][..., 1]
+    images = {} if "images" not in sim else {"images": sim["images"]}
     return {
+        **images,
         "obs": reacher_observations(shoulder, wrist).astype(np.float32),
         "actions": sim["actions"].astype(np.float32),
         "states": np.concatenate(
@@ -139,6 +162,11 @@ def _metadata(config: dict, key: str) -> dict:
             "actions[:, t] drives t -> t+1"
         ),
         "obs": "(cos phi, sin phi, psi): phi shoulder angle, psi wrist angle (rad)",
+        **(
+            {}
+            if "size" not in config
+            else {"images": f"(size, size, 3) uint8 RGB from camera {config['camera_id']}"}
+        ),
         "states": "(phi wrapped to [-pi, pi), psi, phi', psi') at each step, for evaluation",
     }
 
@@ -174,4 +202,36 @@ def reacher_angles(
             f"{num_sequences}, {length}, {burn_in}, {action_repeat}"
         )
     config = _config(num_sequences, length, seed, burn_in, action_repeat)
+    return cached("reacher", config, _generate, _metadata, cache=cache, cache_dir=cache_dir)
+
+
+def reacher_images(
+    num_sequences: int = 2000,
+    length: int = 30,
+    seed: int = 0,
+    size: int = 64,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    burn_in: int = 20,
+    action_repeat: int = 1,
+    cache: bool = True,
+) -> dict:
+    """The reacher image set (EKVAE Table 1c; module docstring): :func:`reacher_angles`'
+    sequences, rendered.
+
+    Args:
+        size: image side in pixels (the paper: 64).
+        others: as :func:`reacher_angles` (the same seed gives the same states and torques).
+
+    Returns:
+        ``{"images": (N, T, size, size, 3) uint8, "obs": (N, T, 3) float32 (the joint-angle
+        observations, for reference), "actions", "states", "metadata"}`` as
+        :func:`reacher_angles`.
+    """
+    if num_sequences < 1 or length < 1 or burn_in < 0 or action_repeat < 1 or size < 1:
+        raise ValueError(
+            f"need num_sequences >= 1, length >= 1, burn_in >= 0, action_repeat >= 1, size >= 1; "
+            f"got {num_sequences}, {length}, {burn_in}, {action_repeat}, {size}"
+        )
+    config = _config(num_sequences, length, seed, burn_in, action_repeat, size)
     return cached("reacher", config, _generate, _metadata, cache=cache, cache_dir=cache_dir)

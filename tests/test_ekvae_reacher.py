@@ -16,7 +16,7 @@ from examples.ekvae_common import rollout, smoothed_start_prediction
 from inference import training
 from pssm.datasets import wrap_angle
 from pssm.ekvae import EKVAEBound, NeuralLinearisation, ekvae, ekvae_guide
-from pssm.reacher_data import DT, reacher_angles, reacher_observations
+from pssm.reacher_data import DT, reacher_angles, reacher_images, reacher_observations
 from tests.kalman_reference import DenseModel, condition
 
 # ---- data --------------------------------------------------------------------------------------
@@ -178,6 +178,28 @@ def test_smoothed_start_prediction_matches_a_dense_reference():
     np.testing.assert_allclose(np.cov(z.T), Q, atol=0.01)
 
 
+def test_images_render_the_same_sequences(tmp_path):
+    """The image set is the angle set's simulation, rendered: same states and torques for the
+    same seed; frames change as the arm moves, differ between sequences, and are cached."""
+    angles = reacher_angles(3, 4, seed=5, cache=False)
+    images = reacher_images(3, 4, seed=5, size=48, cache_dir=tmp_path)
+    frames = images["images"]
+    assert frames.shape == (3, 4, 48, 48, 3) and frames.dtype == np.uint8
+    np.testing.assert_array_equal(images["states"], angles["states"])
+    np.testing.assert_array_equal(images["actions"], angles["actions"])
+    np.testing.assert_array_equal(images["obs"], angles["obs"])
+    assert frames.std() > 10  # an arm, a target and a floor, not a blank frame
+    diff = lambda a, b: np.abs(a.astype(int) - b.astype(int)).mean()
+    moved = np.abs(angles["states"][0, 3, :2] - angles["states"][0, 0, :2]).max()
+    assert moved > 0.01 and diff(frames[0, 0], frames[0, 3]) > 0
+    assert diff(frames[0, 0], frames[1, 0]) > diff(frames[0, 0], frames[0, 1])
+    again = reacher_images(3, 4, seed=5, size=48, cache_dir=tmp_path)
+    assert again["metadata"]["cache_path"] == images["metadata"]["cache_path"] is not None
+    np.testing.assert_array_equal(again["images"], frames)
+    with pytest.raises(ValueError):
+        reacher_images(3, 4, size=0)
+
+
 # ---- the example -------------------------------------------------------------------------------
 
 
@@ -195,6 +217,21 @@ def test_quick_run_writes_finite_results(tmp_path):
     assert "EKVAE (annealing)" in (tmp_path / "results.md").read_text()
     for name in ("latent_space.png", "filtered_0.png", "prediction_0.png", "history.json"):
         assert (tmp_path / "annealing" / name).stat().st_size > 1000
+
+
+def test_images_quick_run_writes_finite_results(tmp_path):
+    """Table 1c's pipeline in miniature: rendered frames, conv encoder/decoder, CO + VHP."""
+    argv = ["--images", "--quick", "--variants", "co-vhp", "--out", str(tmp_path)]
+    (row,) = ekvae_reacher.main(argv)
+    numbers = [row[f"r2_{t}"] for t in ekvae_reacher.TARGETS]
+    numbers += [row["test_elbo_per_sequence"], *row["prediction_mse_per_step"]]
+    assert np.all(np.isfinite(numbers))
+    assert len(row["prediction_mse_per_step"]) == ekvae_reacher.IMAGE_CONFIGS["quick"]["length"]
+    assert 0 < row["prediction_mse"] < 1  # pixel intensities in [0, 1]
+    assert row["paper"] == ekvae_reacher.PAPER_IMAGES["co-vhp"]
+    assert "48x48 RGB images" in (tmp_path / "results.md").read_text()
+    for name in ("latent_space.png", "filtered_0.png", "prediction_0.png"):
+        assert (tmp_path / "co-vhp" / name).stat().st_size > 1000, name
 
 
 def test_set_rejects_unknown_entries(capsys):

@@ -9,6 +9,8 @@ from flax import nnx
 from pssm.layers import (
     ConvDecoder,
     ConvEncoder,
+    FlatImageDecoder,
+    FlatImageEncoder,
     MCDropout,
     postprocess_image,
     preprocess_image,
@@ -89,3 +91,22 @@ def test_conv_encoder_decoder_shapes_with_leading_axes():
         ConvDecoder(3, (60, 64, 3), rngs=rngs)
     with pytest.raises(ValueError, match="expected"):
         enc(jnp.zeros((2, 48, 48, 3)))
+
+
+def test_flat_image_nets_are_the_conv_stacks_on_reshaped_images():
+    """The flat wrappers reshape ``(..., H W C)`` to images (shifted to [-0.5, 0.5] for the
+    encoder), run the conv stacks and return ``(loc, scale > 0)`` / flattened outputs."""
+    shape = (48, 48, 3)
+    enc = FlatImageEncoder(shape, 3, depth=2, min_scale=0.01, rngs=nnx.Rngs(0))
+    images = jax.random.uniform(jax.random.key(0), (2, 5, *shape))
+    loc, scale = enc(images.reshape(2, 5, -1))
+    assert loc.shape == scale.shape == (2, 5, 3) and bool(jnp.all(scale >= 0.01))
+    expected = enc.head(enc.trunk(images - 0.5))
+    np.testing.assert_allclose(loc, expected[..., :3], rtol=1e-10)
+    np.testing.assert_allclose(scale, jax.nn.softplus(expected[..., 3:]) + 0.01, rtol=1e-10)
+    dec = FlatImageDecoder(3, shape, depth=2, rngs=nnx.Rngs(1))
+    out = dec(loc)
+    assert out.shape == (2, 5, 48 * 48 * 3)
+    np.testing.assert_allclose(out, dec.net(loc).reshape(2, 5, -1), rtol=1e-12)
+    with pytest.raises(ValueError, match="flattened images"):
+        enc(jnp.zeros((2, 64 * 64 * 3)))
