@@ -243,6 +243,23 @@ def test_set_rejects_unknown_entries(capsys):
         ekvae_reacher.main(["--quick", "--set", "sleck=0.1"])
 
 
+def test_pendulum_likelihood_is_a_configuration_entry():
+    """``--set likelihood=gaussian --set obs_var=v`` scores pixels by N(decoder, v)."""
+    import numpyro.distributions as dist
+    from numpyro import handlers
+
+    obs = jnp.full((2, 3, 256), 0.5)
+    for likelihood, kind in (("bernoulli", "IntensityBernoulli"), ("gaussian", "Normal")):
+        cfg = {**ekvae_pendulum.CONFIGS["quick"], "likelihood": likelihood, "obs_var": 0.04}
+        model, _ = ekvae_pendulum.build(cfg, False, 0)
+        site = handlers.trace(handlers.seed(model, 0)).get_trace(obs)["obs"]["fn"]
+        while isinstance(site, dist.Independent | dist.MaskedDistribution):
+            site = site.base_dist
+        assert type(site).__name__ == kind
+        if likelihood == "gaussian":
+            np.testing.assert_allclose(site.scale, 0.2)
+
+
 def test_pendulum_quick_run_writes_finite_results(tmp_path):
     argv = ["--quick", "--variants", "co", "--set", "z_dim=4", "--out", str(tmp_path)]
     (row,) = ekvae_pendulum.main(argv)
