@@ -68,7 +68,8 @@ Bernoulli cross-entropy of the intensities, otherwise as above (``a_t`` in R^3, 
 R^2 from the smoothed latent means, the smoothed-start prediction MSE per pixel intensity,
 figures with frames instead of angle plots). Its full configuration (the paper's 2000 x 30
 frames, ~3 GB as floats, 4000 updates of 32 x 30 frames through the conv stacks) is GPU work:
-on this project's 2-core CPU machine an update takes seconds, so it has not been run yet;
+on this project's 2-core CPU machine a 60-update trial (64 sequences) was still training
+after 20 minutes (the conv stacks over 960 frames per update), so it has not been run yet;
 ``--images --quick`` (48x48 frames, thin convolutions) is the tested smoke run.
 
 Run ``python -m examples.ekvae_reacher [--images] [--quick] [--steps N] [--variants
