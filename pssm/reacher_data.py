@@ -196,13 +196,7 @@ def reacher_angles(
         "states": (N, T, 4) float64 (phi wrapped, psi, phi', psi'), "metadata": dict}``;
         ``metadata["cache_path"]`` names the ``.npz`` (or is ``None`` without cache).
     """
-    if num_sequences < 1 or length < 1 or burn_in < 0 or action_repeat < 1:
-        raise ValueError(
-            f"need num_sequences >= 1, length >= 1, burn_in >= 0, action_repeat >= 1; got "
-            f"{num_sequences}, {length}, {burn_in}, {action_repeat}"
-        )
-    config = _config(num_sequences, length, seed, burn_in, action_repeat)
-    return cached("reacher", config, _generate, _metadata, cache=cache, cache_dir=cache_dir)
+    return _dataset(num_sequences, length, seed, burn_in, action_repeat, None, cache, cache_dir)
 
 
 def reacher_images(
@@ -228,10 +222,15 @@ def reacher_images(
         observations, for reference), "actions", "states", "metadata"}`` as
         :func:`reacher_angles`.
     """
-    if num_sequences < 1 or length < 1 or burn_in < 0 or action_repeat < 1 or size < 1:
+    return _dataset(num_sequences, length, seed, burn_in, action_repeat, size, cache, cache_dir)
+
+
+def _dataset(num_sequences, length, seed, burn_in, action_repeat, size, cache, cache_dir):
+    """Checked arguments -> the cached set (images when ``size`` is not ``None``)."""
+    if min(num_sequences, length, action_repeat, 1 if size is None else size) < 1 or burn_in < 0:
         raise ValueError(
-            f"need num_sequences >= 1, length >= 1, burn_in >= 0, action_repeat >= 1, size >= 1; "
-            f"got {num_sequences}, {length}, {burn_in}, {action_repeat}, {size}"
+            "need num_sequences, length, action_repeat and size >= 1, burn_in >= 0; got "
+            f"{num_sequences}, {length}, {action_repeat}, {size}, {burn_in}"
         )
     config = _config(num_sequences, length, seed, burn_in, action_repeat, size)
     return cached("reacher", config, _generate, _metadata, cache=cache, cache_dir=cache_dir)
