@@ -82,8 +82,9 @@ def simulate_reacher(
         it; with ``render_size`` also ``"images"`` ``(N, T, size, size, 3)`` ``uint8``, each
         recorded state seen from camera ``camera_id``.
     """
-    if render_size is not None:
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless; read when dm_control loads
+    # headless rendering unless chosen otherwise; set even when not rendering now, since
+    # dm_control reads it once, on its first import in the process (as rl.envs does)
+    os.environ.setdefault("MUJOCO_GL", "egl")
     from dm_control import suite  # imported here: MuJoCo loads only when data are simulated
 
     rng = np.random.default_rng(seed)
