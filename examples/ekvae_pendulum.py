@@ -106,9 +106,9 @@ from examples.ekvae_common import (  # noqa: E402
     objective_for,
     parse_config,
     smoothed_start_prediction,
+    train_selected,  # noqa: E402
     training_summary,
 )
-from examples.ekvae_common import train as train_objective  # noqa: E402
 from inference.evaluation import (  # noqa: E402
     heldout_elbo,
     plot_latent_space,
@@ -122,10 +122,12 @@ from pssm.ekvae import ekvae, ekvae_guide, infer_latents  # noqa: E402
 CONFIGS = {
     "full": dict(train=500, test=200, steps=6000, batch=32, lr=1e-3, calibration=1000,
                  hidden=128, bases=4, transition_hidden=64, z_dim=3, likelihood="bernoulli",
-                 obs_var=0.1),
+                 obs_var=0.1, initial_velocity=1.0, controls=False, restarts=1, screen_steps=4000,
+                 validation=100),
     "quick": dict(train=32, test=16, steps=30, batch=16, lr=1e-3, calibration=10,
                   hidden=16, bases=2, transition_hidden=8, z_dim=3, likelihood="bernoulli",
-                  obs_var=0.1),
+                  obs_var=0.1, initial_velocity=1.0, controls=False, restarts=1,
+                  screen_steps=10, validation=8),
 }  # fmt: skip
 PAPER = {  # Table 1a: (R^2 angle, R^2 velocity, MSE of the smoothed-start prediction)
     "co-vhp": (0.992, 0.998, 1.99e-4),
@@ -137,7 +139,8 @@ CONTEXT = 5  # frames the prediction's z_0 is inferred from (Table 1)
 
 def build(cfg: dict, vhp: bool, seed: int):
     h = cfg["hidden"]
-    model = ekvae(256, 2, cfg["z_dim"], num_bases=cfg["bases"],
+    model = ekvae(256, 2, cfg["z_dim"], action_dim=int(bool(cfg.get("controls"))),
+                  num_bases=cfg["bases"],
                   transition_hidden=(cfg["transition_hidden"],), decoder_hidden=(h, h),
                   likelihood=cfg["likelihood"], obs_var=cfg["obs_var"],
                   vhp_dim=2 if vhp else None, vhp_hidden=(h // 2,), seed=seed)  # fmt: skip
@@ -152,25 +155,35 @@ def r2_angle_velocity(latents: np.ndarray, states: np.ndarray) -> tuple[float, f
     return float(np.mean(r2[:2])), float(r2[2])
 
 
-def run_variant(key: str, cfg: dict, train: dict, test: dict, seed: int, out: Path) -> dict:
+def run_variant(
+    key: str, cfg: dict, train: dict, validation: dict, test: dict, seed: int, out: Path
+) -> dict:
     label, method, vhp = VARIANTS[key]
-    model, guide = build(cfg, vhp, seed)
-    objective = objective_for(method, cfg, model, guide)
-    data = {"obs": jnp.asarray(train["obs"])}
-    state, history, seconds = train_objective(objective, data, cfg, seed)
+
+    def make(s):
+        model, guide = build(cfg, vhp, s)
+        return objective_for(method, cfg, model, guide), model, guide
+
+    arrays = lambda d: {k: jnp.asarray(d[k]) for k in ("obs", "actions") if k in d}
+    objective, model, guide, state, history, seconds, screening = train_selected(
+        make, arrays(train), arrays(validation), cfg, seed
+    )
     (out / key).mkdir(parents=True, exist_ok=True)
     (out / key / "history.json").write_text(json.dumps(history[:: max(1, cfg["steps"] // 500)]))
     params = objective.constrain(state.params)
     obs_test = jnp.asarray(test["obs"])
-    posterior = jax.jit(lambda p, x, post: infer_latents(model, guide, p, x, posterior=post),
-                        static_argnums=2)  # fmt: skip
-    latents = np.asarray(posterior(params, obs_test, "smoother").mean)
+    u_test = jnp.asarray(test["actions"]) if "actions" in test else None
+    posterior = jax.jit(lambda p, x, u, post: infer_latents(model, guide, p, x, u, posterior=post),
+                        static_argnums=3)  # fmt: skip
+    latents = np.asarray(posterior(params, obs_test, u_test, "smoother").mean)
     r2_angle, r2_velocity = r2_angle_velocity(latents, test["states"])
+    test_batch = {"obs": obs_test} if u_test is None else {"obs": obs_test, "actions": u_test}
     held = heldout_elbo(objective, state.params, state.aux, jax.random.key(seed + 7),
-                        {"obs": obs_test}, num_particles=4)  # fmt: skip
+                        test_batch, num_particles=4)  # fmt: skip
     pred = smoothed_start_prediction(model, guide, params, jax.random.key(seed + 11), obs_test,
-                                     context=CONTEXT)  # fmt: skip
-    figures(out / key, label, latents, test, posterior(params, obs_test[:2], "filter"), pred)
+                                     u_test, context=CONTEXT)  # fmt: skip
+    u_two = None if u_test is None else u_test[:2]
+    figures(out / key, label, latents, test, posterior(params, obs_test[:2], u_two, "filter"), pred)
     return {
         "variant": key,
         "model": label,
@@ -181,6 +194,7 @@ def run_variant(key: str, cfg: dict, train: dict, test: dict, seed: int, out: Pa
         "prediction_mse_per_step": [float(x) for x in pred.per_step],
         "test_elbo_per_sequence": held["elbo_per_sequence"],
         **training_summary(history, seconds, cfg),
+        "screening": screening,
         "paper_r2": PAPER.get(key),
     }
 
@@ -229,13 +243,18 @@ def markdown(rows: list[dict], cfg: dict) -> str:
 def main(argv=None) -> list[dict]:
     cfg, keys, out, args = parse_config(argv, __doc__.split("\n")[0], CONFIGS,
                                         "runs/ekvae_pendulum")  # fmt: skip
-    train_set = pendulum_images(cfg["train"], 15, 16, seed=args.seed)
-    test_set = pendulum_images(cfg["test"], 15, 16, seed=args.seed + 1000)
+    data_kw = dict(initial_velocity=cfg["initial_velocity"], controls=bool(cfg["controls"]))
+    train_set = pendulum_images(cfg["train"], 15, 16, seed=args.seed, **data_kw)
+    test_set = pendulum_images(cfg["test"], 15, 16, seed=args.seed + 1000, **data_kw)
     train = {**model_data(train_set), "states": train_set["states"]}
     test = {**model_data(test_set), "states": test_set["states"]}
+    validation = {}  # selects among restarts only: never the test set
+    if cfg["restarts"] > 1:
+        validation = model_data(pendulum_images(cfg["validation"], 15, 16, seed=args.seed + 2000,
+                                                **data_kw))  # fmt: skip
     rows = []
     for key in keys:
-        row = run_variant(key, cfg, train, test, args.seed, out)
+        row = run_variant(key, cfg, train, validation, test, args.seed, out)
         rows.append(row)
         print(f"{row['model']}: R^2 angle {row['r2_angle']:.3f}, velocity "
               f"{row['r2_velocity']:.3f} ({row['train_seconds']:.0f} s)", flush=True)  # fmt: skip

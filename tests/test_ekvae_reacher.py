@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from examples import ekvae_pendulum, ekvae_reacher
+from examples import ekvae_common, ekvae_pendulum, ekvae_reacher
 from examples.ekvae_common import rollout, smoothed_start_prediction
 from inference import training
 from pssm.datasets import wrap_angle
@@ -285,3 +285,64 @@ def test_co_identifies_the_reacher(tmp_path):
     assert row["r2_phi"] > 0.95 and row["r2_psi"] > 0.95, row
     assert row["r2_phi'"] > 0.5, row
     assert row["prediction_mse"] < 0.3, row
+
+
+# ---- restarts chosen by a validation bound ------------------------------------------------------
+
+
+def _tiny_pendulum(seed, cfg):
+    model, guide = ekvae_pendulum.build(cfg, False, seed)
+    return ekvae_common.objective_for("co", cfg, model, guide), model, guide
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    rng = np.random.default_rng(0)
+    frames = lambda n: {"obs": jnp.asarray(rng.uniform(0, 1, (n, 4, 256)), jnp.float32)}
+    return frames(8), frames(4)
+
+
+def test_train_resumed_equals_one_run(tiny_data):
+    """``train(..., num_steps=k)`` then ``resume`` to ``n`` gives the state of ``n`` updates in
+    one call, and one history record per update."""
+    data, _ = tiny_data
+    cfg = {**ekvae_pendulum.CONFIGS["quick"], "steps": 6, "batch": 4, "calibration": 2}
+    objective, *_ = _tiny_pendulum(0, cfg)
+    whole = ekvae_common.train(objective, data, cfg, 0)
+    optimizer = optax.adam(cfg["lr"])
+    half = ekvae_common.train(objective, data, cfg, 0, num_steps=3, optimizer=optimizer)
+    resumed = ekvae_common.train(objective, data, cfg, 0, optimizer=optimizer, resume=half)
+    assert [h["step"] for h in resumed[1]] == [h["step"] for h in whole[1]] == list(range(1, 7))
+    jax.tree.map(np.testing.assert_array_equal, resumed[0].params, whole[0].params)
+
+
+def test_train_selected_continues_the_best_validation_bound(tiny_data):
+    """Each candidate trains ``screen_steps`` updates; the one with the highest held-out bound
+    on the validation batch (recomputed here) is continued to ``steps``."""
+    from inference.evaluation import heldout_elbo
+
+    data, validation = tiny_data
+    cfg = {**ekvae_pendulum.CONFIGS["quick"], "steps": 5, "batch": 4, "calibration": 2,
+           "restarts": 3, "screen_steps": 2}  # fmt: skip
+    make = lambda s: _tiny_pendulum(s, cfg)
+    objective, model, guide, state, history, seconds, screening = ekvae_common.train_selected(
+        make, data, validation, cfg, 7
+    )
+    assert [c["seed"] for c in screening] == [7, 1007, 2007]
+    bounds = [c["validation_bound"] for c in screening]
+    assert len(set(bounds)) == 3  # different initialisations
+    best = int(np.argmax(bounds))
+    assert [c["selected"] for c in screening] == [k == best for k in range(3)]
+    assert int(state.step) == 5 and [h["step"] for h in history] == [1, 2, 3, 4, 5]
+    assert seconds > 0
+    # the continued run is the selected candidate's: its first two updates reproduce
+    objective_b, *_ = make(screening[best]["seed"])
+    first = ekvae_common.train(objective_b, data, cfg, screening[best]["seed"], num_steps=2)
+    b = heldout_elbo(objective_b, first[0].params, first[0].aux, jax.random.key(7 + 5),
+                     validation, num_particles=4)["elbo_per_sequence"]  # fmt: skip
+    np.testing.assert_allclose(b, bounds[best], rtol=1e-6)
+    np.testing.assert_allclose(history[1]["loss"], first[1][1]["loss"], rtol=1e-6)
+    with pytest.raises(ValueError, match="screen_steps"):
+        ekvae_common.train_selected(make, data, validation, {**cfg, "screen_steps": 9}, 0)
+    with pytest.raises(ValueError, match="restarts"):
+        ekvae_common.train_selected(make, data, validation, {**cfg, "restarts": 0}, 0)
