@@ -261,9 +261,18 @@ def test_pendulum_likelihood_is_a_configuration_entry():
 
 
 def test_pendulum_quick_run_writes_finite_results(tmp_path):
-    argv = ["--quick", "--variants", "co", "--set", "z_dim=4", "--out", str(tmp_path)]
+    """Also: ``controls=true`` (random torques as actions: the model takes ``u``) and
+    ``restarts=2`` (candidates screened on a validation set, the selected one reported)."""
+    sets = ["z_dim=4", "controls=true", "initial_velocity=2.0", "restarts=2"]
+    argv = ["--quick", "--variants", "co", "--out", str(tmp_path)]
+    argv += [arg for entry in sets for arg in ("--set", entry)]
     (row,) = ekvae_pendulum.main(argv)
     assert row["z_dim"] == 4  # (a_1, a_2, two dynamic coordinates)
+    assert [c["seed"] for c in row["screening"]] == [0, 1000]
+    assert sum(c["selected"] for c in row["screening"]) == 1
+    saved = json.loads((tmp_path / "results.json").read_text())["config"]
+    assert saved["controls"] is True and saved["initial_velocity"] == 2.0
+    assert ekvae_pendulum.build(saved, False, 0)[0].action_dim == 1
     numbers = [row["r2_angle"], row["r2_velocity"], row["prediction_mse"],
                row["test_elbo_per_sequence"], *row["prediction_mse_per_step"]]  # fmt: skip
     assert np.all(np.isfinite(numbers)) and len(row["prediction_mse_per_step"]) == 15
