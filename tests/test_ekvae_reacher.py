@@ -3,6 +3,10 @@
 examples.ekvae_pendulum)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -355,3 +359,22 @@ def test_train_selected_continues_the_best_validation_bound(tiny_data):
         ekvae_common.train_selected(make, data, validation, {**cfg, "screen_steps": 9}, 0)
     with pytest.raises(ValueError, match="restarts"):
         ekvae_common.train_selected(make, data, validation, {**cfg, "restarts": 0}, 0)
+
+
+@pytest.mark.slow
+def test_co_identifies_the_pendulum_velocity(tmp_path):
+    """The pendulum reproduction at its full configuration (30000 updates, best of 3 starts by a
+    validation bound), VHP-EKVAE under CO and under annealing, seed 0: ~20 min on one core.
+    Measured: CO 0.935 / 0.987, annealing 0.881 / 0.814 (R^2 angle / velocity). CO must
+    identify the velocity (paper 0.998) and beat annealing on it (the issue's target); the
+    angle's >= 0.95 is not asserted: it is not reached on every seed."""
+    # as a user runs it: a fresh process in float32 at XLA's default optimisation level
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
+    cmd = [sys.executable, "-m", "examples.ekvae_pendulum", "--variants", "co-vhp,annealing-vhp",
+           "--out", str(tmp_path)]  # fmt: skip
+    subprocess.run(cmd, check=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    co, annealing = ({r["variant"]: r for r in rows}[k] for k in ("co-vhp", "annealing-vhp"))
+    assert co["r2_velocity"] > 0.95, co
+    assert co["r2_velocity"] > annealing["r2_velocity"], (co, annealing)
+    assert co["r2_angle"] > 0.9, co
