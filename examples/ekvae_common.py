@@ -99,10 +99,10 @@ def train_selected(make, data: dict, validation: dict, cfg: dict, seed: int):
     others are dropped. Why: on the pendulum the bound early in training ranks initialisations
     the way the latent space's quality does (a circle of ``a`` broken open, or a velocity
     coordinate that changes sign along it, scores visibly lower), and a bad start does not
-    recover with more training. With one restart this is
-    :func:`train`. Returns ``(objective, model, guide, state, history, seconds, screening)``,
-    ``screening`` the candidates' ``{"seed", "validation_bound", "selected"}`` (empty for one
-    restart);
+    recover with more training. With one restart this is :func:`train`.
+
+    Returns ``(objective, model, guide, state, history, seconds, screening)``: ``screening``
+    lists the candidates' ``{"seed", "validation_bound", "selected"}`` (empty for one restart),
     ``seconds`` counts every candidate's training.
     """
     restarts = int(cfg.get("restarts", 1))
