@@ -59,7 +59,8 @@ paper 0.998); on seed 1 VHP-EKVAE (CO) beats annealing on the angle (0.977 vs 0.
 reached: VHP-EKVAE (CO) >= 0.95 on *both* on any seed (seed 0 misses the angle, 0.935; seed 1
 the velocity, 0.823), and CO beating annealing on the velocity on every seed (seed 1: annealing
 wins with and without the VHP, 0.889 vs 0.823 and 0.968 vs 0.667; there annealing also has the
-better bound, -155.7 vs -157.6, so the bound, not the method, tracks the velocity's R^2). Where the two fall short (``latent_space_*.png``):
+better bound, -155.7 vs -157.6, so the bound, not the method, tracks the velocity's R^2).
+Where the two fall short (``latent_space_*.png``):
 
 * the angle: ``a`` traces a closed but non-circular curve, a teardrop whose tip is the upright
   position (seldom visited, and slowly), so sin/cos are not linear in ``a``;
