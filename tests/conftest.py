@@ -4,10 +4,11 @@ import os
 
 # jaxlib 0.10.2's CPU LAPACK kernels can deadlock their intra-op thread pool when independent
 # batched solves run concurrently (seen here under load). XLA sizes that pool by the CPU
-# affinity, and a pool of one cannot deadlock: pin each test process (each xdist worker) to one
-# core, spreading workers over the cores. Must happen before jax starts its backend.
-# Also one OpenBLAS thread (jaxlib's LAPACK calls go to it; on 2 busy cores its own threads
-# oversubscribe) and XLA's plain scheduler: both lower the hang rate (benchmarks/README.md).
+# affinity, and a pool of one cannot deadlock: each test process (each xdist worker) is pinned
+# to one core in `pytest_configure` below, before jax starts its backend, the workers spread
+# over the cores. Also one OpenBLAS thread (jaxlib's LAPACK calls go to it; on 2 busy cores its
+# own threads oversubscribe) and XLA's plain scheduler: both lower the hang rate
+# (benchmarks/README.md).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # XLA backend optimisation level 0: the suite's time is mostly compiling tiny programs; this
 # roughly halves compile times at no cost in run time for test-sized inputs.
@@ -16,11 +17,6 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
     + " --xla_backend_optimization_level=0"
 ).strip()
-if hasattr(os, "sched_setaffinity"):
-    _cpus = sorted(os.sched_getaffinity(0))
-    _worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
-    os.sched_setaffinity(0, {_cpus[_worker % len(_cpus)]})
-
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
@@ -46,3 +42,21 @@ def _free_compiled_code_between_modules():
     jax.clear_caches()
     gc.collect()
     gc.freeze()  # what survives is long-lived: later collections need not scan it again
+
+
+def pytest_configure(config):
+    """Pin this test process to one core (see the top of this module).
+
+    An xdist worker ``gwK`` takes core ``K mod n``; the xdist controller (``-n``) is left
+    unpinned, since the workers it starts inherit its affinity (pinned at import, it once put
+    every worker on the same core: half the machine idle and the suite twice as long); a plain
+    run takes the first core.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None and getattr(config.option, "numprocesses", None):
+        return  # the controller: runs no test
+    cpus = sorted(os.sched_getaffinity(0))
+    index = int(worker[2:]) if worker else 0
+    os.sched_setaffinity(0, {cpus[index % len(cpus)]})
