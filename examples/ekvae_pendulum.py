@@ -121,37 +121,30 @@ configuration was chosen" ran on that protocol (6000 updates, one start) unless 
 ``--quick`` is a smoke test (tiny data and networks, a few dozen updates: numbers meaningless).
 """
 
-import os
+import json
+from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-).strip()
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from examples.ekvae_common import (  # noqa: E402
+from examples.ekvae_common import (
     VARIANTS,
     objective_for,
     parse_config,
     smoothed_start_prediction,
-    train_selected,  # noqa: E402
+    train_selected,
     training_summary,
 )
-from inference.evaluation import (  # noqa: E402
+from inference.evaluation import (
     heldout_elbo,
     plot_latent_space,
     plot_latent_trajectories,
     r2_ols,
     save_image_grid,
 )
-from pssm.datasets import model_data, pendulum_images  # noqa: E402
-from pssm.ekvae import ekvae, ekvae_guide, infer_latents  # noqa: E402
+from pssm.datasets import model_data, pendulum_images
+from pssm.ekvae import ekvae, ekvae_guide, infer_latents
 
 CONFIGS = {
     "full": dict(train=500, test=200, steps=30000, batch=32, lr=1e-3, calibration=1000,

@@ -77,22 +77,15 @@ co,co-vhp,...] [--seed S] [--set KEY=JSON] [--out DIR]``. ``--quick`` is a smoke
 data and networks, a few dozen updates: numbers meaningless).
 """
 
-import os
+import json
+from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-).strip()
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from examples.ekvae_common import (  # noqa: E402
+from examples.ekvae_common import (
     VARIANTS,
     objective_for,
     parse_config,
@@ -100,15 +93,15 @@ from examples.ekvae_common import (  # noqa: E402
     train,
     training_summary,
 )
-from inference.evaluation import (  # noqa: E402
+from inference.evaluation import (
     heldout_elbo,
     plot_latent_trajectories,
     r2_ols,
     save_image_grid,
 )
-from pssm.ekvae import ekvae, ekvae_guide, infer_latents  # noqa: E402
-from pssm.layers import FlatImageDecoder, FlatImageEncoder  # noqa: E402
-from pssm.reacher_data import reacher_angles, reacher_images  # noqa: E402
+from pssm.ekvae import ekvae, ekvae_guide, infer_latents
+from pssm.layers import FlatImageDecoder, FlatImageEncoder
+from pssm.reacher_data import reacher_angles, reacher_images
 
 CONFIGS = {
     "full": dict(train=2000, test=500, length=30, steps=4000, batch=32, lr=1e-3,

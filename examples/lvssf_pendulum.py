@@ -42,26 +42,19 @@ Run ``python -m examples.lvssf_pendulum [--quick] [--configs partial-known,...] 
 ``filtered_trajectories.png``).
 """
 
-import os
+import argparse
+import json
+import time
+from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-).strip()
+import jax
+import numpy as np
+import optax
+import scipy.linalg
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import scipy.linalg  # noqa: E402
-
-from inference import training  # noqa: E402
-from inference.guides import backward_sampling  # noqa: E402
-from pssm.lvssf import PathKLELBO, filter_beliefs, lvssf  # noqa: E402
+from inference import training
+from inference.guides import backward_sampling
+from pssm.lvssf import PathKLELBO, filter_beliefs, lvssf
 
 A_TRUE = np.array([[0.99, 0.2], [0.0, 0.998]])
 B_TRUE = np.array([[0.03], [0.3]])

@@ -47,32 +47,25 @@ smoothed-start predictions), latent trajectories with +-2 sd bands and latent sp
 by the angle.
 """
 
-import os
+import argparse
+import functools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # jaxlib 0.10 CPU LAPACK deadlock workaround
-_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from numpyro import handlers
+from numpyro.infer import TraceMeanField_ELBO
 
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, NamedTuple  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from numpyro import handlers  # noqa: E402
-from numpyro.infer import TraceMeanField_ELBO  # noqa: E402
-
-from inference import evaluation, guides, kalman, training  # noqa: E402
-from pssm import datasets  # noqa: E402
-from pssm.locally_linear import locally_linear  # noqa: E402
-from pssm.rssm import rssm  # noqa: E402
+from inference import evaluation, guides, kalman, training
+from pssm import datasets
+from pssm.locally_linear import locally_linear
+from pssm.rssm import rssm
 
 # ---- the model registry ------------------------------------------------------------------------
 
