@@ -30,6 +30,7 @@ from inference import training
 from inference.evaluation import OpenLoopResult, heldout_elbo, open_loop_mse
 from inference.objectives import AnnealedELBO, ConstrainedELBO
 from pssm.ekvae import EKVAEBound, infer_latents
+from pssm.extended_kalman import apply_transition
 
 VARIANTS = {  # name: (label, method, vhp)
     "annealing": ("EKVAE (annealing)", "annealing", False),
@@ -158,10 +159,7 @@ def rollout(model, params: dict, key, z0: jax.Array, actions, num_steps: int, *,
 
     def step(z, xs):
         k, u_t = xs
-        F, B, Q = transition(z, u_t)
-        mean = jnp.einsum("...ij,...j->...i", F, z)
-        if B is not None:
-            mean = mean + jnp.einsum("...ij,...j->...i", B, u_t)
+        _, _, mean, Q = apply_transition(transition, z, u_t)
         z = dist.MultivariateNormal(mean, Q).sample(k) if sample else mean
         return z, z
 

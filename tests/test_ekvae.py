@@ -12,16 +12,8 @@ from numpyro import handlers
 
 from inference import kalman, objectives, training
 from inference.objectives import VHP, vhp_bound
-from pssm.ekvae import (
-    EKVAEBound,
-    NeuralLinearisation,
-    auxiliary_bound,
-    ekvae,
-    ekvae_guide,
-    extended_kalman_filter,
-    extended_kalman_smoother,
-    infer_latents,
-)
+from pssm.ekvae import EKVAEBound, NeuralLinearisation, ekvae, ekvae_guide, infer_latents
+from pssm.extended_kalman import auxiliary_bound, extended_kalman_filter, extended_kalman_smoother
 from pssm.lgssm import lgssm
 from tests.kalman_reference import DenseModel, condition
 
