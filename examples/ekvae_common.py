@@ -199,6 +199,32 @@ def smoothed_start_prediction(
     return open_loop_mse(predict, params, key, start(params, obs, actions), actions, obs)
 
 
+def predictions(model, guide, params: dict, key, obs, actions=None, *, context: int = 5):
+    """:func:`smoothed_start_prediction` twice: sampled (``z_0`` drawn from its smoothed
+    posterior, transition noise drawn at every step: Table 1's protocol read literally) and along
+    the means (``z_0`` the smoothed mean, the transition means: the model's best single guess,
+    free of its noise). Returns the sampled :class:`OpenLoopResult` and the row entries
+    ``prediction_mse``, ``prediction_mse_per_step`` and ``prediction_mse_mean_path``."""
+    sampled = smoothed_start_prediction(model, guide, params, key, obs, actions, context=context)
+    mean = smoothed_start_prediction(model, guide, params, key, obs, actions, context=context,
+                                     sample=False)  # fmt: skip
+    return sampled, {
+        "prediction_mse": sampled.mse,
+        "prediction_mse_per_step": [float(x) for x in sampled.per_step],
+        "prediction_mse_mean_path": mean.mse,
+    }
+
+
+def save_params(path, params: dict) -> Path:
+    """Constrained parameters as an ``.npz``, one array per leaf, named by its tree path (so a
+    finished run can be evaluated again without retraining)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    arrays = {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+    path = Path(path)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
 def training_summary(history: list[dict], seconds: float, cfg: dict) -> dict:
     """The end of a training run for a results row: the mean training bound of the last 100
     updates, the final distortion, rate, multiplier (CO) or beta (annealing) and D0."""

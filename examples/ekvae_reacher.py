@@ -89,7 +89,8 @@ from examples.ekvae_common import (
     VARIANTS,
     objective_for,
     parse_config,
-    smoothed_start_prediction,
+    predictions,
+    save_params,
     train,
     training_summary,
 )
@@ -240,8 +241,9 @@ def run_variant(key: str, cfg: dict, train_set: dict, test_set: dict, seed: int,
     latents = np.asarray(smoothed.mean)
     r2 = r2_targets(latents, test_set["states"])
     context = cfg["context"]
-    pred = smoothed_start_prediction(model, guide, params, jax.random.key(seed + 11), obs, actions,
-                                     context=context)  # fmt: skip
+    pred, pred_row = predictions(model, guide, params, jax.random.key(seed + 11), obs, actions,
+                                 context=context)  # fmt: skip
+    save_params(folder / "params.npz", params)
     held = heldout_elbo(objective, state.params, state.aux, jax.random.key(seed + 7),
                         {"obs": obs, "actions": actions}, num_particles=4)  # fmt: skip
     # figures
@@ -267,9 +269,8 @@ def run_variant(key: str, cfg: dict, train_set: dict, test_set: dict, seed: int,
         "variant": key,
         "model": label,
         **{f"r2_{t}": r2[t] for t in TARGETS},
-        "prediction_mse": pred.mse,
+        **pred_row,
         "prediction_mse_after_context": float(np.mean(pred.per_step[context:])),
-        "prediction_mse_per_step": [float(x) for x in pred.per_step],
         "test_elbo_per_sequence": held["elbo_per_sequence"],
         **training_summary(history, seconds, cfg),
         "paper": (PAPER_IMAGES if "size" in cfg else PAPER).get(key),
@@ -287,14 +288,15 @@ def markdown(rows: list[dict], cfg: dict, baseline: float) -> str:
         f"MSE per {unit}; predicting the held-out mean scores {baseline:.3g}",
         "",
         "| model | R^2 phi | R^2 psi | R^2 phi' | R^2 psi' | pred. MSE | MSE after context | "
-        "held-out bound / seq. | lambda or beta | train s | paper (R^2 x4, MSE) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "MSE, mean path | held-out bound / seq. | lambda or beta | train s | paper (R^2 x4, MSE) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         paper = "-" if r["paper"] is None else ", ".join(f"{x:.3g}" for x in r["paper"])
         lines.append(
             f"| {r['model']} | " + " | ".join(f"{r[f'r2_{t}']:.3f}" for t in TARGETS)
             + f" | {r['prediction_mse']:.3g} | {r['prediction_mse_after_context']:.3g} | "
+            f"{r['prediction_mse_mean_path']:.3g} | "
             f"{r['test_elbo_per_sequence']:.1f} | {r['lambda_or_beta']:.3g} | "
             f"{r['train_seconds']:.0f} | {paper} |"
         )  # fmt: skip

@@ -212,14 +212,16 @@ def test_quick_run_writes_finite_results(tmp_path):
     (row,) = rows
     numbers = [row[f"r2_{t}"] for t in ekvae_reacher.TARGETS]
     numbers += [row["prediction_mse"], row["prediction_mse_after_context"],
-                row["test_elbo_per_sequence"], row["lambda_or_beta"]]  # fmt: skip
+                row["prediction_mse_mean_path"], row["test_elbo_per_sequence"],
+                row["lambda_or_beta"]]  # fmt: skip
     numbers += row["prediction_mse_per_step"]
     assert np.all(np.isfinite(numbers))
     assert len(row["prediction_mse_per_step"]) == ekvae_reacher.CONFIGS["quick"]["length"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"][0]["prediction_mse"] == row["prediction_mse"]
     assert "EKVAE (annealing)" in (tmp_path / "results.md").read_text()
-    for name in ("latent_space.png", "filtered_0.png", "prediction_0.png", "history.json"):
+    for name in ("latent_space.png", "filtered_0.png", "prediction_0.png", "history.json",
+                 "params.npz"):  # fmt: skip
         assert (tmp_path / "annealing" / name).stat().st_size > 1000
 
 
@@ -278,9 +280,14 @@ def test_pendulum_quick_run_writes_finite_results(tmp_path):
     assert saved["controls"] is True and saved["initial_velocity"] == 2.0
     assert ekvae_pendulum.build(saved, False, 0)[0].action_dim == 1
     numbers = [row["r2_angle"], row["r2_velocity"], row["prediction_mse"],
-               row["test_elbo_per_sequence"], *row["prediction_mse_per_step"]]  # fmt: skip
+               row["prediction_mse_mean_path"], row["test_elbo_per_sequence"],
+               *row["prediction_mse_per_step"]]  # fmt: skip
     assert np.all(np.isfinite(numbers)) and len(row["prediction_mse_per_step"]) == 15
     assert 0 < row["prediction_mse"] < 1  # pixel intensities in [0, 1]
+    assert row["prediction_mse_mean_path"] != row["prediction_mse"]  # no noise drawn on it
+    saved_params = np.load(tmp_path / "co" / "params.npz")
+    assert any("transition" in k for k in saved_params.files)
+    assert all(np.all(np.isfinite(saved_params[k])) for k in saved_params.files)
     assert "EKVAE (CO)" in (tmp_path / "results.md").read_text()
     for name in ("latent_space_angle.png", "latent_space_velocity.png", "filtered_0.png",
                  "prediction_0.png", "history.json"):  # fmt: skip
