@@ -370,11 +370,12 @@ def test_train_selected_continues_the_best_validation_bound(tiny_data):
 
 @pytest.mark.slow
 def test_co_identifies_the_pendulum_velocity(tmp_path):
-    """The pendulum reproduction at its full configuration (30000 updates, best of 3 starts by a
-    validation bound), VHP-EKVAE under CO and under annealing, seed 0: ~20 min on one core.
-    Measured: CO 0.935 / 0.987, annealing 0.881 / 0.814 (R^2 angle / velocity). CO must
-    identify the velocity (paper 0.998) and beat annealing on it (the issue's target); the
-    angle's >= 0.95 is not asserted: it is not reached on every seed."""
+    """The pendulum reproduction at its full configuration (random torques, 30000 updates, best
+    of 3 starts by a validation bound), VHP-EKVAE under CO and under annealing, seed 0: ~15 min
+    on one core. Measured: CO 0.956 / 0.993, annealing 0.890 / 0.861 (R^2 angle / velocity).
+    CO must identify both (>= 0.95, the issue's target; paper 0.992 / 0.998) and beat
+    annealing on both. (Seed 0 of four: the example's docstring has the others, where the
+    VHP-EKVAE (CO) velocity reaches 0.935-0.993 and its mean over seeds both targets.)"""
     # as a user runs it: a fresh process in float32 at XLA's default optimisation level
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
     cmd = [sys.executable, "-m", "examples.ekvae_pendulum", "--variants", "co-vhp,annealing-vhp",
@@ -382,6 +383,6 @@ def test_co_identifies_the_pendulum_velocity(tmp_path):
     subprocess.run(cmd, check=True, env=env, cwd=Path(__file__).resolve().parents[1])
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     co, annealing = ({r["variant"]: r for r in rows}[k] for k in ("co-vhp", "annealing-vhp"))
-    assert co["r2_velocity"] > 0.95, co
+    assert co["r2_velocity"] >= 0.95 and co["r2_angle"] >= 0.95, co
     assert co["r2_velocity"] > annealing["r2_velocity"], (co, annealing)
-    assert co["r2_angle"] > 0.9, co
+    assert co["r2_angle"] > annealing["r2_angle"], (co, annealing)
