@@ -368,6 +368,25 @@ def test_train_selected_continues_the_best_validation_bound(tiny_data):
         ekvae_common.train_selected(make, data, validation, {**cfg, "restarts": 0}, 0)
 
 
+def test_saved_parameters_load_into_a_fresh_configuration(tmp_path):
+    """``save_params`` / ``load_params`` round trip: the trained values come back in the tree
+    of a freshly built model of the same configuration; another configuration is refused."""
+    cfg = ekvae_pendulum.CONFIGS["quick"]
+    data = {"obs": jnp.zeros((2, 3, 256))}
+
+    def constrained(cfg, seed):
+        objective, *_ = _tiny_pendulum(seed, cfg)
+        init = lambda k: training.init_train_state(objective, optax.adam(1e-3), k, data)
+        return objective.constrain(jax.jit(init)(jax.random.key(0)).params)
+
+    trained = constrained(cfg, 3)
+    path = ekvae_common.save_params(tmp_path / "params.npz", trained)
+    loaded = ekvae_common.load_params(path, constrained(cfg, 4))
+    jax.tree.map(np.testing.assert_array_equal, loaded, trained)
+    with pytest.raises(ValueError, match="shape"):
+        ekvae_common.load_params(path, constrained({**cfg, "hidden": 8}, 4))
+
+
 @pytest.mark.slow
 def test_co_identifies_the_pendulum_velocity(tmp_path):
     """The pendulum reproduction at its full configuration (random torques, 30000 updates, best
