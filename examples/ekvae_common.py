@@ -58,6 +58,15 @@ def objective_for(method: str, cfg: dict, model, guide):
     return training.elbo_objective(model, guide, elbo)
 
 
+def initial_state(objective, data: dict, cfg: dict, seed: int, optimizer):
+    """The :class:`inference.training.TrainState` of ``objective`` before any update, from
+    ``jax.random.key(seed)`` and the first ``cfg["batch"]`` sequences (jitted: the eager
+    initialisation would run the Kalman smoother op by op)."""
+    init_batch = {k: v[: cfg["batch"]] for k, v in data.items()}
+    init = lambda k: training.init_train_state(objective, optimizer, k, init_batch)
+    return jax.jit(init)(jax.random.key(seed))
+
+
 def train(
     objective,
     data: dict,
@@ -76,11 +85,7 @@ def train(
     optimizer = optax.adam(cfg["lr"]) if optimizer is None else optimizer
     start = time.time()
     if resume is None:
-        init_batch = {k: v[: cfg["batch"]] for k, v in data.items()}
-        state = jax.jit(lambda k: training.init_train_state(objective, optimizer, k, init_batch))(
-            jax.random.key(seed)
-        )  # (jitted: the eager init would run the Kalman smoother op by op)
-        history, spent = [], 0.0
+        state, history, spent = initial_state(objective, data, cfg, seed, optimizer), [], 0.0
     else:
         state, history, spent = resume
     state, new = training.fit(
@@ -104,7 +109,10 @@ def train_selected(make, data: dict, validation: dict, cfg: dict, seed: int):
 
     Returns ``(objective, model, guide, state, history, seconds, screening)``: ``screening``
     lists the candidates' ``{"seed", "validation_bound", "selected"}`` (empty for one restart),
-    ``seconds`` counts every candidate's training.
+    ``seconds`` counts every candidate's training. The objective, model and guide returned are
+    candidate 0's (the candidates share them, and one compiled update, since they differ in
+    their initial parameter values only; a ``make`` whose parameters' names or shapes depend on
+    the seed raises ``ValueError``).
     """
     restarts = int(cfg.get("restarts", 1))
     if restarts < 1:
@@ -115,23 +123,40 @@ def train_selected(make, data: dict, validation: dict, cfg: dict, seed: int):
     screen = int(cfg["screen_steps"])
     if not 0 < screen <= cfg["steps"]:
         raise ValueError(f"screen_steps={screen} must lie in (0, steps={cfg['steps']}]")
-    candidates, screening = [], []
-    for k in range(restarts):
-        objective, model, guide = make(seed + 1000 * k)
-        optimizer = optax.adam(cfg["lr"])
-        run = train(objective, data, cfg, seed + 1000 * k, num_steps=screen, optimizer=optimizer)
+    # Every candidate trains with candidate 0's objective and optimizer, so that the update
+    # compiles once: the candidates differ only in their initial parameters (checked below).
+    objective, model, guide = make(seed)
+    optimizer = optax.adam(cfg["lr"])
+    seeds, starts, start = [seed + 1000 * k for k in range(restarts)], [], time.time()
+    for k, s in enumerate(seeds):
+        starts.append(initial_state(make(s)[0] if k else objective, data, cfg, s, optimizer))
+        if _signature(starts[k]) != _signature(starts[0]):
+            raise ValueError(
+                f"make({s}) builds parameters of other names or shapes than "
+                f"make({seed}); candidates may differ in their initial values only"
+            )
+    init_seconds = (time.time() - start) / restarts
+    runs, screening = [], []
+    for s, state in zip(seeds, starts, strict=True):
+        run = train(objective, data, cfg, s, num_steps=screen, optimizer=optimizer,
+                    resume=(state, [], init_seconds))  # fmt: skip
         bound = heldout_elbo(objective, run[0].params, run[0].aux, jax.random.key(seed + 5),
                              validation, num_particles=4)["elbo_per_sequence"]  # fmt: skip
-        candidates.append((objective, model, guide, optimizer, run))
-        screening.append({"seed": seed + 1000 * k, "validation_bound": bound})
+        runs.append(run)
+        screening.append({"seed": s, "validation_bound": bound})
     best = int(np.argmax([c["validation_bound"] for c in screening]))
     for k, c in enumerate(screening):
         c["selected"] = k == best
-    spent = sum(c[4][2] for c in candidates)
-    objective, model, guide, optimizer, (state, history, _) = candidates[best]
+    spent = sum(r[2] for r in runs)
+    state, history, _ = runs[best]
     state, history, seconds = train(objective, data, cfg, seed + 1000 * best, optimizer=optimizer,
                                     resume=(state, history, spent))  # fmt: skip
     return objective, model, guide, state, history, seconds, screening
+
+
+def _signature(tree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, [(np.shape(x), getattr(x, "dtype", type(x))) for x in leaves]
 
 
 # ---- prediction ------------------------------------------------------------------------------
