@@ -32,11 +32,12 @@ against ``reward(features(z_{t+1}))``; the last step's reward has no successor a
 scored).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from numpyro import handlers
 
 from inference.evaluation import filter_beliefs
 from inference.training import Objective
@@ -109,3 +110,37 @@ def imagine_rollout(wm: WorldModel, params, key, belief, policy, horizon: int):
     f0 = wm.features(params, belief)
     _, (f, a, r) = jax.lax.scan(step, belief, jax.random.split(key, horizon))
     return jnp.concatenate([f0[None], f], axis=0), a, r
+
+
+def step_observations(obs, mask, names: list[str]) -> tuple[dict, jax.Array]:
+    """One step's observations as ``{modality: (B, ...)}`` with the unseen entries zeroed
+    (they may hold NaN, and a masked sensor must not reach an encoder's gradient), and the
+    sensor mask as ``(B, K)`` booleans, ``K = len(names)``.
+
+    ``obs``: an array (one modality, named ``names[0]``) or a mapping holding every name;
+    ``mask``: ``None`` (all seen), ``(B,)`` (per step) or ``(B, K)`` (per sensor).
+    """
+    parts = {k: obs[k] for k in names} if isinstance(obs, Mapping) else {names[0]: obs}
+    B, K = jnp.shape(parts[names[0]])[0], len(names)
+    m = jnp.ones((B, K), bool) if mask is None else jnp.asarray(mask).astype(bool)
+    m = jnp.broadcast_to(m[:, None], (B, K)) if m.ndim == 1 else m
+    seen = lambda i, o: m[:, i].reshape((B,) + (1,) * (jnp.ndim(o) - 1))
+    return {k: jnp.where(seen(i, parts[k]), parts[k], 0.0) for i, k in enumerate(names)}, m
+
+
+def substituted_heads(model, single: str | None):
+    """``(reward, decode)`` of :class:`WorldModel` for a model whose ``reward()`` and
+    ``decoders()`` build NumPyro-registered networks (RSSM, KalMamba): each call runs them under
+    ``handlers.substitute(data=params)``. ``decode`` returns the dict of modalities, or the
+    modality ``single`` alone when it is given (a model of one unnamed observation)."""
+
+    def reward(params, f):
+        with handlers.substitute(data=params):
+            return model.reward()(f)
+
+    def decode(params, f):
+        with handlers.substitute(data=params):
+            out = {k: fn(f) for k, fn in model.decoders().items()}
+        return out if single is None else out[single]
+
+    return reward, decode

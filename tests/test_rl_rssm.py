@@ -7,7 +7,7 @@ import optax
 from numpyro import handlers
 
 from inference import training
-from rl.world_model import filter_sequence, imagine_rollout
+from rl.world_model import filter_sequence, imagine_rollout, step_observations
 from rl.world_models.rssm import RSSMBelief, rssm_model_and_guide, rssm_world_model
 
 B, T, P, U = 3, 5, 4, 2
@@ -102,3 +102,19 @@ def test_training_with_rewards_lowers_loss():
     losses = np.array([h["loss"] for h in history])
     assert np.isfinite(losses).all()
     assert losses[-10:].mean() < losses[:10].mean() - 1.0
+
+
+def test_step_observations_zero_unseen_entries_and_broadcast_the_mask():
+    """Per-sensor masks pass through, a per-step mask covers every sensor, an unnamed array is
+    the first modality, and unseen entries (NaN here) come back as zeros."""
+    obs = {"a": jnp.array([[1.0, 2.0], [jnp.nan, 4.0]]), "b": jnp.full((2, 3, 2), jnp.nan)}
+    clean, m = step_observations(obs, jnp.array([[True, False], [False, False]]), ["a", "b"])
+    np.testing.assert_array_equal(clean["a"], [[1.0, 2.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(clean["b"], np.zeros((2, 3, 2)))
+    np.testing.assert_array_equal(m, [[True, False], [False, False]])
+    clean, m = step_observations(obs, jnp.array([True, False]), ["a", "b"])
+    np.testing.assert_array_equal(m, [[True, True], [False, False]])
+    np.testing.assert_array_equal(clean["a"], [[1.0, 2.0], [0.0, 0.0]])
+    clean, m = step_observations(obs["a"], None, ["x"])
+    assert list(clean) == ["x"] and m.shape == (2, 1) and bool(m.all())
+    assert np.isnan(clean["x"][1, 0])  # seen: passed on as it is

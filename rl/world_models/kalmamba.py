@@ -47,7 +47,7 @@ from pssm.kalmamba import KalMambaELBO, backbone_inputs, kalmamba
 from pssm.locally_linear import fuse
 from pssm.mamba import MambaState
 
-from ..world_model import WorldModel
+from ..world_model import WorldModel, step_observations, substituted_heads
 
 
 class KalMambaBelief(NamedTuple):
@@ -126,18 +126,12 @@ def kalmamba_world_model(
         return KalMambaBelief(mean, cov, m, state, base, action)
 
     def observe(params, key, belief, obs, mask=None):
-        B = belief.mean.shape[0]
-        seen = jnp.ones((B, K), bool) if mask is None else jnp.asarray(mask, bool)
-        seen = jnp.broadcast_to(seen[:, None], (B, K)) if seen.ndim == 1 else seen
-        obs = model.preprocess(obs)
-        obs = {k: obs[k] for k in names} if several else {names[0]: obs}
+        obs, seen = step_observations(model.preprocess(obs), mask, names)
         with handlers.substitute(data=params):
             n = model.networks()
         w, R = [], []
-        for k, name in enumerate(names):
-            o = jnp.asarray(obs[name])
-            o = jnp.where(seen[:, k].reshape((B,) + (1,) * (o.ndim - 1)), o, 0.0)
-            w_k, R_k = n.encoders[name](o.astype(belief.mean.dtype))
+        for name in names:
+            w_k, R_k = n.encoders[name](obs[name].astype(belief.mean.dtype))
             w.append(w_k)
             R.append(R_k)
         w, R = jnp.stack(w, axis=1), jnp.stack(R, axis=1)  # (B, K, d)
@@ -172,14 +166,7 @@ def kalmamba_world_model(
     def features(params, belief):
         return belief.mean
 
-    def reward(params, f):
-        with handlers.substitute(data=params):
-            return model.reward()(f)
-
-    def decode(params, f):
-        with handlers.substitute(data=params):
-            out = {k: fn(f) for k, fn in model.decoders().items()}
-        return out if several else out[names[0]]
+    reward, decode = substituted_heads(model, None if several else names[0])
 
     return WorldModel(
         objective=objective,

@@ -29,7 +29,7 @@ from inference.training import elbo_objective
 from pssm.locally_linear import event_shape
 from pssm.rssm import rssm
 
-from ..world_model import WorldModel
+from ..world_model import WorldModel, step_observations, substituted_heads
 
 
 class RSSMBelief(NamedTuple):
@@ -113,7 +113,6 @@ def rssm_world_model(
     objective = elbo_objective(model, guide, elbo or TraceMeanField_ELBO())
     shapes = {k: event_shape(s) for k, s in model.obs_dims.items()}
     names = list(shapes)
-    K = len(names)
 
     def init_belief(params, batch_size):
         dtype = jnp.result_type(float)
@@ -124,15 +123,7 @@ def rssm_world_model(
         )
 
     def observe(params, key, belief, obs, mask=None):
-        B = belief.h.shape[0]
-        m = jnp.ones((B, K), bool) if mask is None else jnp.asarray(mask, bool)
-        m = jnp.broadcast_to(m[:, None], (B, K)) if m.ndim == 1 else m
-        obs = model.preprocess(obs)
-        parts = {k: obs[k] for k in names} if isinstance(obs, Mapping) else {"obs": obs}
-        clean = {
-            k: jnp.where(m[:, i].reshape((B,) + (1,) * len(shapes[k])), parts[k], 0.0)
-            for i, k in enumerate(names)
-        }  # masked entries may be NaN
+        clean, m = step_observations(model.preprocess(obs), mask, names)
         with handlers.substitute(data=params):
             e = guide.embedding(shapes)(clean, m).astype(belief.h.dtype)
             seen = [belief.h, e, m.astype(e.dtype), belief.first[:, None].astype(e.dtype)]
@@ -154,14 +145,7 @@ def rssm_world_model(
     def features(params, belief):
         return jnp.concatenate([belief.h, belief.z], axis=-1)
 
-    def reward(params, f):
-        with handlers.substitute(data=params):
-            return model.reward()(f)
-
-    def decode(params, f):
-        with handlers.substitute(data=params):
-            out = {k: fn(f) for k, fn in model.decoders().items()}
-        return out if isinstance(obs_dims, Mapping) else out["obs"]
+    reward, decode = substituted_heads(model, None if isinstance(obs_dims, Mapping) else "obs")
 
     return WorldModel(
         objective=objective,

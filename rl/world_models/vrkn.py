@@ -34,7 +34,7 @@ from inference.objectives import FreeNatsELBO
 from inference.training import elbo_objective
 from pssm.vrkn import kalman_update, predict, vrkn
 
-from ..world_model import WorldModel
+from ..world_model import WorldModel, step_observations
 
 
 class VRKNBelief(NamedTuple):
@@ -84,7 +84,7 @@ def vrkn_world_model(
     guide = kalman_smoothing(model)
     objective = elbo_objective(model, guide, elbo or FreeNatsELBO(free_nats))
     names = list(model.obs_dims)
-    K, u = len(names), int(action_dim)
+    u = int(action_dim)
 
     def networks(params):
         with handlers.substitute(data=params):
@@ -97,15 +97,10 @@ def vrkn_world_model(
 
     def observe(params, key, belief, obs, mask=None):
         n = networks(params)
-        B = belief.mean.shape[0]
-        obs = model.preprocess(obs)
-        obs = {k: obs[k] for k in names} if isinstance(obs, Mapping) else {names[0]: obs}
-        m = jnp.ones((B, K), bool) if mask is None else jnp.asarray(mask).astype(bool)
-        m = jnp.broadcast_to(m[:, None], (B, K)) if m.ndim == 1 else m
+        obs, m = step_observations(model.preprocess(obs), mask, names)
         w, R = [], []
-        for k, name in enumerate(names):
-            o = jnp.where(m[:, k].reshape((B,) + (1,) * (obs[name].ndim - 1)), obs[name], 0.0)
-            w_k, R_k = n.encoders[name](o.astype(belief.mean.dtype))
+        for name in names:
+            w_k, R_k = n.encoders[name](obs[name].astype(belief.mean.dtype))
             w.append(w_k)
             R.append(R_k)
         mean, var = kalman_update(
