@@ -114,8 +114,8 @@ def imagine_rollout(wm: WorldModel, params, key, belief, policy, horizon: int):
 
 def step_observations(obs, mask, names: list[str]) -> tuple[dict, jax.Array]:
     """One step's observations as ``{modality: (B, ...)}`` with the unseen entries zeroed
-    (they may hold NaN, and a masked sensor must not reach an encoder's gradient), and the
-    sensor mask as ``(B, K)`` booleans, ``K = len(names)``.
+    (they may hold anything, NaN included, which an encoder would carry into the belief even
+    where its output is masked), and the sensor mask as ``(B, K)`` booleans, ``K = len(names)``.
 
     ``obs``: an array (one modality, named ``names[0]``) or a mapping holding every name;
     ``mask``: ``None`` (all seen), ``(B,)`` (per step) or ``(B, K)`` (per sensor).
