@@ -19,17 +19,12 @@ recurrent models (RSSM; VRKN, whose transition depends on the filtered mean) on 
 seconds per step is skipped. Results go to ``benchmarks/results/world_models.json``.
 """
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-if "concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-    ).strip()
+import rl  # noqa: F401, I001  (first: its import applies the CPU settings before JAX starts)
 
 import argparse  # noqa: E402
 import concurrent.futures  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
