@@ -200,6 +200,14 @@ def smoothed_start_prediction(
     its mean), rolled forward over all ``T`` steps (:func:`rollout`) and decoded at ``a_t = H
     z_t`` (:func:`decode_means`); scored against ``obs`` ``(B, T, p)`` at every step (the
     first too: only ``z_0`` is kept from the context). ``params``: constrained parameters."""
+    (result,) = _smoothed_start_predictions(model, guide, params, key, obs, actions, context,
+                                            (sample,))  # fmt: skip
+    return result
+
+
+def _smoothed_start_predictions(model, guide, params, key, obs, actions, context, modes):
+    """:func:`smoothed_start_prediction` for each ``sample`` in ``modes``, from one smoothing of
+    the context."""
     obs = jnp.asarray(obs)
     B, T = obs.shape[:2]
     if not 1 <= context <= T:
@@ -211,28 +219,32 @@ def smoothed_start_prediction(
         post = infer_latents(model, guide, params, obs[:, :context], ctx_actions)
         return post.mean[:, 0], post.cov[:, 0]
 
-    @jax.jit
-    def predict(params, key, belief, actions):
-        mean, cov = belief
-        k_start, k_path = jax.random.split(key)
-        z0 = dist.MultivariateNormal(mean, cov).sample(k_start) if sample else mean
-        z = rollout(model, params, k_path, z0, actions, T, sample=sample)
-        with handlers.block(), handlers.substitute(data=params):
-            H, *_ = model.parameters()
-        return decode_means(model, params, jnp.einsum("ij,btj->bti", H, z))
+    def predictor(sample):
+        @jax.jit
+        def predict(params, key, belief, actions):
+            mean, cov = belief
+            k_start, k_path = jax.random.split(key)
+            z0 = dist.MultivariateNormal(mean, cov).sample(k_start) if sample else mean
+            z = rollout(model, params, k_path, z0, actions, T, sample=sample)
+            with handlers.block(), handlers.substitute(data=params):
+                H, *_ = model.parameters()
+            return decode_means(model, params, jnp.einsum("ij,btj->bti", H, z))
 
-    return open_loop_mse(predict, params, key, start(params, obs, actions), actions, obs)
+        return predict
+
+    belief = start(params, obs, actions)
+    return [open_loop_mse(predictor(m), params, key, belief, actions, obs) for m in modes]
 
 
 def predictions(model, guide, params: dict, key, obs, actions=None, *, context: int = 5):
-    """:func:`smoothed_start_prediction` twice: sampled (``z_0`` drawn from its smoothed
-    posterior, transition noise drawn at every step: Table 1's protocol read literally) and along
-    the means (``z_0`` the smoothed mean, the transition means: the model's best single guess,
-    free of its noise). Returns the sampled :class:`OpenLoopResult` and the row entries
-    ``prediction_mse``, ``prediction_mse_per_step`` and ``prediction_mse_mean_path``."""
-    sampled = smoothed_start_prediction(model, guide, params, key, obs, actions, context=context)
-    mean = smoothed_start_prediction(model, guide, params, key, obs, actions, context=context,
-                                     sample=False)  # fmt: skip
+    """:func:`smoothed_start_prediction` twice, from one smoothing of the context: sampled
+    (``z_0`` drawn from its smoothed posterior, transition noise drawn at every step: Table 1's
+    protocol read literally) and along the means (``z_0`` the smoothed mean, the transition
+    means: the model's best single guess, free of its noise). Returns the sampled
+    :class:`OpenLoopResult` and the row entries ``prediction_mse``, ``prediction_mse_per_step``
+    and ``prediction_mse_mean_path``."""
+    sampled, mean = _smoothed_start_predictions(model, guide, params, key, obs, actions, context,
+                                                (True, False))  # fmt: skip
     return sampled, {
         "prediction_mse": sampled.mse,
         "prediction_mse_per_step": [float(x) for x in sampled.per_step],

@@ -173,6 +173,14 @@ def test_smoothed_start_prediction_matches_a_dense_reference():
     np.testing.assert_allclose(out.predictions, expected, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(out.mse, np.mean((expected - x) ** 2), rtol=1e-6)
     np.testing.assert_allclose(out.per_step, ((expected - x) ** 2).mean((0, 2)), rtol=1e-6)
+    # both modes from one smoothing of the context, each as its own call gives it
+    drawn = smoothed_start_prediction(model, guide, params, jax.random.key(1), obs, actions,
+                                      context=context)  # fmt: skip
+    both, row = ekvae_common.predictions(model, guide, params, jax.random.key(1), obs, actions,
+                                         context=context)  # fmt: skip
+    np.testing.assert_allclose(both.predictions, drawn.predictions, rtol=1e-6)
+    np.testing.assert_allclose(row["prediction_mse"], drawn.mse, rtol=1e-6)
+    np.testing.assert_allclose(row["prediction_mse_mean_path"], out.mse, rtol=1e-6)
     # sampled: z_1 | z_0 ~ N(F z_0 + B u_0, Q)
     z0 = jnp.broadcast_to(jnp.asarray(rng.normal(size=5)), (4000, 5))
     u0 = jnp.broadcast_to(actions[0], (4000, T, 2))
