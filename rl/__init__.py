@@ -1,10 +1,13 @@
 """Reinforcement learning on learned state space models: environments, replay, agents, runner.
 
 Importing ``rl`` first (as the ``pssm`` command and ``python -m rl`` do) applies two CPU
-settings before JAX and NumPy start, unless the user has set them: one OpenBLAS thread and
-XLA:CPU's plain scheduler. jaxlib 0.10.2's batched LAPACK kernels can deadlock XLA:CPU's
-intra-op pool when independent solves run concurrently; both settings make that rare
-(``benchmarks/README.md``). ``MUJOCO_GL=egl`` (headless rendering) is set by :mod:`rl.envs`.
+settings before JAX and NumPy start, unless the user has set them: one OpenBLAS thread (jaxlib's
+LAPACK calls go to scipy's OpenBLAS, whose own threads oversubscribe 2 busy cores and make a
+call take seconds instead of milliseconds) and XLA:CPU's plain scheduler (the setting every
+measurement in ``examples/README.md`` was taken with). Neither is needed against the jaxlib 0.10
+LAPACK deadlock any more: :mod:`inference.kalman._lapack_guard` removes its cause for every
+program, whatever was imported first. ``MUJOCO_GL=egl`` (headless rendering) is set by
+:mod:`rl.envs`.
 """
 
 import os as _os

@@ -2,13 +2,11 @@
 
 import os
 
-# jaxlib 0.10.2's CPU LAPACK kernels can deadlock their intra-op thread pool when independent
-# batched solves run concurrently (seen here under load). XLA sizes that pool by the CPU
-# affinity, and a pool of one cannot deadlock: each test process (each xdist worker) is pinned
-# to one core in `pytest_configure` below, before jax starts its backend, the workers spread
-# over the cores. Also one OpenBLAS thread (jaxlib's LAPACK calls go to it; on 2 busy cores its
-# own threads oversubscribe) and XLA's plain scheduler: both lower the hang rate
-# (benchmarks/README.md).
+# Each test process (each xdist worker) is pinned to one core in `pytest_configure` below, the
+# workers spread over the cores. One OpenBLAS thread (jaxlib's LAPACK calls go to it; on 2 busy
+# cores its own threads oversubscribe) and XLA's plain scheduler, as `rl` sets them. The jaxlib
+# 0.10 LAPACK deadlock is prevented by inference/kalman/_lapack_guard.py, not by these settings
+# (tests/test_no_hang.py runs a user's script without them, on all cores).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # XLA backend optimisation level 0: the suite's time is mostly compiling tiny programs; this
 # roughly halves compile times at no cost in run time for test-sized inputs.

@@ -17,6 +17,7 @@ Example::
     post.smoothed.mean, post.log_likelihood
 """
 
+from . import _lapack_guard  # noqa: F401  (before anything compiles: see its docstring)
 from ._types import (
     Dynamics,
     Emissions,
