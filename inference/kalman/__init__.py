@@ -6,8 +6,9 @@ Model (time-axis convention in :mod:`inference.kalman._types`)::
 
 Diagonal structure (vectors for ``P_0, A_t, Q_t, R_t``; the deep models' case, elementwise and
 matrix-inverse free) or dense structure (matrices; LGSSM, L-VSSF), chosen by ``P_0``'s shape.
-Every operation is one associative kernel run by ``lax.scan`` (``parallel=False``) or
-``lax.associative_scan`` (``parallel=True``); batch with ``jax.vmap``.
+The parallel drivers (``parallel=True``) run one associative kernel per operation by
+``lax.associative_scan``; the sequential filter scans the single-step :func:`predict` and
+:func:`update`, which models also call for their online belief step. Batch with ``jax.vmap``.
 
 Example::
 
@@ -30,6 +31,7 @@ from ._validate import stack_sensors
 from .filtering import filter, one_step_conditionals
 from .sampling import chain_log_prob, ffbs, posterior_sample, sample_chain
 from .smoothing import backward_conditionals, expected_kl, smoothed_dynamics, smoother
+from .step import predict, update
 
 __all__ = [
     "Dynamics",
@@ -45,8 +47,10 @@ __all__ = [
     "filter",
     "one_step_conditionals",
     "posterior_sample",
+    "predict",
     "sample_chain",
     "smoothed_dynamics",
     "smoother",
     "stack_sensors",
+    "update",
 ]

@@ -17,24 +17,27 @@ prior ``N(F z + u, Q)`` of the step, writing ``D = I + Q J^obs``:
     eta = F^T (I + J^obs Q)^{-1} (h^obs - J^obs u),   J = F^T (I + J^obs Q)^{-1} J^obs F.
 
 The first step uses ``F = 0, u = m_0, Q = P_0`` (the prior). Prefix-combining the elements gives
-the filtered beliefs; the per-step log-likelihoods ``log p(o_t | o_{0:t-1})`` are then evaluated
-from the predicted beliefs in one vectorised pass, and summed afterwards (a float32 running sum
-drifts by more than a nat over thousands of steps).
+the filtered beliefs (``parallel=True``); the per-step log-likelihoods ``log p(o_t | o_{0:t-1})``
+are then evaluated from the predicted beliefs in one vectorised pass.
+
+The sequential filter (``parallel=False``) is the textbook recursion instead: one scan of
+:func:`inference.kalman.step.predict` and :func:`inference.kalman.step.update`, whose step emits
+the predicted belief, the filtered belief and the step's log-likelihood (dense structure: one
+Cholesky factorisation and one triangular solve per step). Both drivers give the same beliefs;
+the log-likelihoods are summed after the scan (a float32 running sum drifts by more than a nat
+over thousands of steps).
 """
 
-import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import Array
 
-from . import _scan
+from . import _scan, step
 from ._algebra import Algebra
 from ._types import Dynamics, Emissions, FilterResult, Gaussian, LinearGaussian
 from ._validate import Canonical, canonicalize
-
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 def observation_information(alg: Algebra, c: Canonical) -> tuple[Array, Array]:
@@ -73,45 +76,12 @@ def filter_combine(alg: Algebra, earlier, later):
     return A, b, C, eta, J
 
 
-def predict(alg: Algebra, belief: Gaussian, dynamics: Dynamics) -> Gaussian:
-    """``N(A m + b, A P A^T + Q)``: push a belief through the dynamics (batched over time)."""
-    A, b, Q = dynamics
-    mean = alg.mv(A, belief.mean) + b
-    cov = alg.sym(alg.mm(alg.mm(A, belief.cov), alg.T(A)) + Q)
-    return Gaussian(mean, cov)
-
-
-def _log_likelihood_diag(m, P, w, R, mask):
-    """``log N(w_t; m, P + R)`` for K sensors of one step, elementwise per coordinate.
-
-    With the fused pseudo-observation ``ybar = h/J`` of variance ``1/J`` the quadratic form splits
-    into the sensors' disagreement ``sum_k (w_k - ybar)^2 / R_k`` and ``(ybar - m)^2 / (P + 1/J)``
-    (matrix determinant lemma for the log-determinant): no cancellation, no division by zero
-    when a coordinate is unobserved.
-    """
-    prec = mask / R
-    J = jnp.sum(prec, axis=0)
-    seen = J > 0
-    ybar = jnp.where(seen, jnp.sum(prec * w, axis=0) / jnp.where(seen, J, 1.0), 0.0)
-    quad = jnp.sum(prec * (w - ybar) ** 2, axis=0) + (ybar - m) ** 2 * J / (1.0 + P * J)
-    logdet = jnp.sum(mask * (jnp.log(R) + _LOG_2PI), axis=0) + jnp.log1p(P * J)
-    return -0.5 * jnp.sum(quad + logdet)
-
-
-def _log_likelihood_dense(m, P, w, H, R, mask):
-    """``log N(w_t; H m, H P H^T + R)`` over the observed rows (masked rows are decoupled)."""
-    S = H @ P @ H.T + R
-    chol = jnp.linalg.cholesky(S)
-    u = jax.scipy.linalg.solve_triangular(chol, w - H @ m, lower=True)
-    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
-    return -0.5 * (jnp.sum(u * u) + logdet + jnp.sum(mask) * _LOG_2PI)
-
-
 def log_likelihoods(alg: Algebra, c: Canonical, predicted: Gaussian) -> Array:
     """Per-step ``log p(o_t | o_{0:t-1})`` from the predicted beliefs, shape ``(T,)``."""
     if alg.diagonal:
-        return jax.vmap(_log_likelihood_diag)(*predicted, c.w, c.R, c.mask)
-    return jax.vmap(_log_likelihood_dense)(*predicted, c.w, c.H, c.R, c.mask)
+        return jax.vmap(lambda *a: step.update_diagonal(*a)[1])(predicted, c.w, c.R, c.mask)
+    n = jnp.sum(c.mask, axis=-1)
+    return jax.vmap(lambda *a: step.update_dense(*a)[1])(predicted, c.w, c.H, c.R, n)
 
 
 def _elements(alg: Algebra, c: Canonical):
@@ -123,8 +93,35 @@ def _elements(alg: Algebra, c: Canonical):
     return jax.vmap(partial(filter_element, alg))(F, u, Qs, h, J)
 
 
+def _sequential_filter(alg: Algebra, c: Canonical, unroll: int) -> FilterResult:
+    """The textbook recursion: ``update`` the prior on ``o_0``, then ``predict``/``update``."""
+    if alg.diagonal:
+        obs = (c.w, c.R, c.mask)
+        condition = lambda belief, o: step.update_diagonal(belief, *o)  # noqa: E731
+    else:
+        obs = (c.w, c.H, c.R, jnp.sum(c.mask, axis=-1))
+        condition = lambda belief, o: step.update_dense(belief, *o)  # noqa: E731
+    first, ll0 = condition(c.prior, jax.tree.map(lambda x: x[0], obs))
+
+    def advance(filtered, inputs):
+        dynamics, o = inputs
+        predicted = step.predict(filtered, dynamics)
+        filtered, ll = condition(predicted, o)
+        return filtered, (predicted, filtered, ll)
+
+    rest = jax.tree.map(lambda x: x[1:], obs)
+    _, (pred, filt, lls) = jax.lax.scan(advance, first, (c.dynamics, rest), unroll=unroll)
+    join = lambda a, x: jnp.concatenate([a[None], x])  # noqa: E731
+    lls = join(ll0, lls)
+    return FilterResult(
+        jax.tree.map(join, c.prior, pred), jax.tree.map(join, first, filt), lls, jnp.sum(lls)
+    )
+
+
 def run_filter(alg: Algebra, c: Canonical, *, parallel: bool, unroll: int) -> FilterResult:
     """Filter a canonical model (shared by :func:`filter` and the smoother)."""
+    if not parallel:
+        return _sequential_filter(alg, c, unroll)
     (m0, P0) = c.prior
     elems = _elements(alg, c)
     mean, cov = _scan.scan(
@@ -136,7 +133,7 @@ def run_filter(alg: Algebra, c: Canonical, *, parallel: bool, unroll: int) -> Fi
         rebuild=lambda f, like: (jnp.zeros_like(like[0]), *f, *map(jnp.zeros_like, like[3:])),
     )
     filtered = Gaussian(mean, cov)
-    pred = predict(alg, Gaussian(mean[:-1], cov[:-1]), c.dynamics)
+    pred = jax.vmap(step.predict)(Gaussian(mean[:-1], cov[:-1]), c.dynamics)
     predicted = Gaussian(
         jnp.concatenate([m0[None], pred.mean]), jnp.concatenate([P0[None], pred.cov])
     )
