@@ -133,6 +133,9 @@ def run(
         true_params={"Q": TRANS_VAR, "A": A_true},
         progress=progress,
     )
+    failed = [f"{r['guide']}: {r['failure']}" for r in rows if r["failure"]]
+    if failed:  # compare records a failing pair and goes on; this experiment needs both
+        raise RuntimeError("the comparison failed for " + "; ".join(failed))
     for row in rows:
         row["sigma"] = float(np.ravel(row["params"]["Q"])[0])
         row["sigma_rel_error"] = row["sigma"] / TRANS_VAR - 1

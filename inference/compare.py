@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,11 @@ def compare(
 ) -> list[dict]:
     """Train or only evaluate every (guide, ELBO) pair on one model and tabulate the results.
 
+    A pair that raises (e.g. a guide family that does not apply to the model) gets a row with
+    its ``failure`` and the other pairs still run. With a ``run_dir`` every finished pair is
+    stored there and a later call with the same ``run_dir`` resumes: finished pairs are read
+    back, not retrained; the others are trained, continuing from their latest checkpoint.
+
     Args:
         model: a zero-argument factory building a fresh model (called once per pair), or a
             model (reused).
@@ -217,8 +223,13 @@ def compare(
         key: PRNG key (default ``PRNGKey(0)``).
         true_params: name -> true (constrained) value; rows then hold ``error_<name>``, the
             Frobenius norm of learned minus true.
-        run_dir: if given, each pair's metrics and checkpoints go to
-            ``run_dir/<guide>-<elbo>/``.
+        run_dir: if given (and ``train``), each pair's metrics, checkpoints and finished row
+            (``row.json``) go to ``run_dir/<guide>-<elbo>/``. A stored row is reused when its
+            ``train_steps`` and ``eval_particles`` match the call (data, model and other
+            settings are not checked: use a new ``run_dir`` when they change); a pair without
+            one is trained with ``resume=True``, so a run stopped midway, or one given more
+            ``num_steps``, continues from its latest checkpoint (one already past
+            ``num_steps`` is evaluated as it is). Failed pairs are not stored: they run again.
         steps_per_call: updates per compiled call of the training loop.
         progress: show training progress bars.
 
@@ -227,8 +238,12 @@ def compare(
         ``kl`` (``elbo_mean == recon - kl``), ``log_lik`` / ``log_lik_se`` / ``gap``
         (``None`` without an exact likelihood), ``params`` (constrained values as lists,
         network parameters left out), ``error_<name>`` for the true parameters,
-        ``train_elbo`` (mean per-sequence training ELBO of the last 10% of steps), ``seconds``
-        and the evaluation sizes. Values are per sequence.
+        ``train_elbo`` (mean per-sequence training ELBO of the last 10% of steps),
+        ``train_steps`` (updates done), the evaluation sizes, ``failure`` (``None``, or the
+        exception that stopped the pair as one line ``"<type>: <message>"``; its result
+        fields are then ``None``), ``warnings`` (the distinct warnings the pair raised, one
+        line each, as the active warning filters let them through) and ``seconds``. Values
+        are per sequence.
     """
     key = jax.random.PRNGKey(0) if key is None else key
     train_key, eval_key = jax.random.split(key)
@@ -237,16 +252,13 @@ def compare(
     batch_size = min(num, 50) if batch_size is None else batch_size
     optimizer = optax.adam(1e-2) if optimizer is None else optimizer
     pairs = [(g, e) for g in guides for e in elbos] if pairs is None else list(pairs)
-    rows = []
-    for guide_name, elbo_name in pairs:
-        start = time.perf_counter()
+
+    def run_pair(guide_name, elbo_name, pair_dir):
         fresh = model() if _is_factory(model) else model
         guide = guides[guide_name](fresh)
         elbo = elbos[elbo_name]
         objective = training.elbo_objective(fresh, guide, elbo)
-        row = {"guide": guide_name, "elbo": elbo_name, "train_steps": num_steps if train else 0}
         if train:
-            pair_dir = None if run_dir is None else Path(run_dir) / f"{guide_name}-{elbo_name}"
             state, history = training.fit(
                 objective,
                 data,
@@ -255,19 +267,25 @@ def compare(
                 batch_size=batch_size,
                 key=train_key,
                 run_dir=pair_dir,
+                resume=pair_dir is not None,
                 steps_per_call=steps_per_call,
                 progress=progress,
             )
             raw = state.params
             tail = history[-max(1, len(history) // 10) :]
-            row["train_elbo"] = float(np.mean([r["elbo"] for r in tail])) / batch_size
+            row = {
+                "train_steps": int(state.step),
+                "train_elbo": float(np.mean([r["elbo"] for r in tail])) / batch_size
+                if tail
+                else None,
+            }
         else:
             init_key, _ = jax.random.split(train_key)  # as training.fit initialises
             first = jax.tree.map(lambda x: x[:batch_size], data)
             # compiled: same values as fit's eager init, without running model and guide op by
             # op (the initial values do not depend on the traced computation's results)
             raw, _ = jax.jit(objective.init)(init_key, first)
-            row["train_elbo"] = None
+            row = {"train_steps": 0, "train_elbo": None}
         values = objective.constrain(raw)
         row.update(
             evaluate(
@@ -279,9 +297,79 @@ def compare(
             if name in values:
                 diff = np.asarray(values[name]) - np.asarray(truth)
                 row[f"error_{name}"] = float(np.sqrt(np.sum(diff**2)))
-        row["seconds"] = time.perf_counter() - start
+        return row
+
+    expected = {"train_steps": num_steps, "eval_particles": eval_particles}
+    rows = []
+    for guide_name, elbo_name in pairs:
+        pair_dir = (
+            None if run_dir is None or not train else Path(run_dir) / f"{guide_name}-{elbo_name}"
+        )
+        row = None if pair_dir is None else _stored_row(pair_dir, expected)
+        if row is None:
+            result = _recorded(run_pair, guide_name, elbo_name, pair_dir)
+            row = {"guide": guide_name, "elbo": elbo_name, **result}
+            if pair_dir is not None and row["failure"] is None:
+                _store_row(pair_dir, row)
         rows.append(row)
     return rows
+
+
+ROW_FILE = "row.json"
+
+# the result fields of a row, ``None`` in the row of a pair that failed
+_RESULTS = (
+    "train_steps",
+    "train_elbo",
+    "elbo_mean",
+    "elbo_se",
+    "recon",
+    "kl",
+    "log_lik",
+    "log_lik_se",
+    "gap",
+    "eval_particles",
+    "eval_sequences",
+)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _recorded(run: Callable[..., dict], *args) -> dict:
+    """``run(*args)``'s result fields with ``failure`` (``None``, or the exception it raised as
+    ``"<type>: <message>"``), ``warnings`` (distinct, in order of first appearance, one line
+    each) and ``seconds``."""
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:  # also resets "default" de-duplication
+        try:
+            row, failure = run(*args), None
+        except Exception as error:  # a failing pair is a row of the table, not the end of it
+            row = {**dict.fromkeys(_RESULTS), "params": {}}
+            failure = _one_line(f"{type(error).__name__}: {error}")
+    seen = (_one_line(f"{w.category.__name__}: {w.message}") for w in caught)
+    row.update(
+        failure=failure, warnings=list(dict.fromkeys(seen)), seconds=time.perf_counter() - start
+    )
+    return row
+
+
+def _stored_row(pair_dir: Path, expected: dict) -> dict | None:
+    """The finished row stored in ``pair_dir`` if its settings are ``expected``, else ``None``."""
+    path = pair_dir / ROW_FILE
+    if not path.exists():
+        return None
+    row = json.loads(path.read_text())
+    return row if all(row.get(k) == v for k, v in expected.items()) else None
+
+
+def _store_row(pair_dir: Path, row: dict) -> None:
+    """Write ``pair_dir/row.json`` whole or not at all (a partial file would read as finished)."""
+    pair_dir.mkdir(parents=True, exist_ok=True)
+    partial = pair_dir / (ROW_FILE + ".partial")
+    partial.write_text(json.dumps(row, indent=2))
+    os.replace(partial, pair_dir / ROW_FILE)
 
 
 def _fmt(x, se=None) -> str:
@@ -295,16 +383,20 @@ def _fmt(x, se=None) -> str:
 
 def markdown_table(rows: list[dict], params: Iterable[str] | None = None) -> str:
     """The rows as a Markdown table: ELBO +- s.e., exact log-likelihood, gap, recon, KL, learned
-    parameters (``params``: names to show; default every parameter with at most 4 entries)
-    and the ``error_<name>`` columns."""
+    parameters (``params``: names to show; default every parameter with at most 4 entries),
+    the ``error_<name>`` columns and, when some pair failed or warned, a ``notes`` column with
+    its failure and warnings."""
     if params is None:
         params = sorted({k for r in rows for k, v in r["params"].items() if np.size(v) <= 4})
     params = list(params)
     errors = sorted({k for r in rows for k in r if k.startswith("error_")})
     header = ["guide", "ELBO", "ELBO / seq", "log p(o) / seq", "gap", "recon", "KL"]
     header += params + [f"‖{e[6:]} − true‖_F" for e in errors]
+    notes = [_notes(r) for r in rows]
+    if any(notes):
+        header.append("notes")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
+    for r, note in zip(rows, notes, strict=True):
         cells = [
             r["guide"],
             r["elbo"],
@@ -316,8 +408,16 @@ def markdown_table(rows: list[dict], params: Iterable[str] | None = None) -> str
         ]
         cells += [_fmt(r["params"].get(p)) for p in params]
         cells += [_fmt(r.get(e)) for e in errors]
+        cells += [note] if any(notes) else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _notes(row: dict) -> str:
+    """A row's failure and warnings as one table cell (``|`` escaped)."""
+    notes = [f"failed: {row['failure']}"] if row.get("failure") else []
+    notes += [f"warning: {w}" for w in row.get("warnings") or []]
+    return "; ".join(notes).replace("|", "\\|")
 
 
 def save(rows: list[dict], out_dir: str | os.PathLike, name: str = "comparison", **table) -> Path:
@@ -332,10 +432,11 @@ def save(rows: list[dict], out_dir: str | os.PathLike, name: str = "comparison",
 def plot(rows: list[dict], path: str | os.PathLike, true_params: dict | None = None) -> Path:
     """Bar charts: per-sequence ELBO +- s.e. with the exact log-likelihood marked, then for
     each true parameter the learned value against the truth (scalars) or the Frobenius error
-    (arrays)."""
+    (arrays). Pairs that failed are left out."""
     from matplotlib.figure import Figure
 
     true_params = true_params or {}
+    rows = [r for r in rows if not r.get("failure")]
     labels = [f"{r['guide']}\n{r['elbo']}" for r in rows]
     x = np.arange(len(rows))
     fig = Figure(figsize=(4 * (1 + len(true_params)), 3.5), layout="constrained")

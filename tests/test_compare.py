@@ -1,6 +1,8 @@
 """The generic ELBO comparison, and the VRKN Figure-2 experiment built on it."""
 
 import json
+import shutil
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,12 @@ from numpyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from examples import elbo_comparison
 from inference import compare
-from inference.guides import closed_form_filtering, kalman_smoothing
+from inference.guides import (
+    auxiliary,
+    backward_sampling,
+    closed_form_filtering,
+    kalman_smoothing,
+)
 from pssm import cli
 from pssm.auxiliary import auxiliary_lgssm, marginal_log_likelihood
 from pssm.core import exact_log_likelihood
@@ -122,6 +129,104 @@ def test_factory_detection():
     assert compare._is_factory(lambda: None)
     assert not compare._is_factory(lgssm(A, Q, H, R))
     assert not compare._is_factory(lambda obs=None: None)  # a model whose data default to None
+
+
+def _counted(family, calls: Counter, name: str):
+    """The guide family ``family``, counting its calls (one per pair run) in ``calls[name]``."""
+
+    def build(model):
+        calls[name] += 1
+        return family(model)
+
+    return build
+
+
+def _train_every_pair(run_dir, calls: Counter) -> list[dict]:
+    """Two updates of ``A`` per pair on 6 sequences: the auxiliary family does not apply to an
+    LGSSM, backward sampling orders its sites against the model (NumPyro's mean-field warning),
+    Kalman smoothing is clean."""
+    families = {
+        "auxiliary": auxiliary,
+        "backward": backward_sampling,
+        "smoothing": kalman_smoothing,
+    }
+    return compare.compare(
+        lambda: lgssm(A, Q, H, R, learn=("A",)),
+        {name: _counted(family, calls, name) for name, family in families.items()},
+        {"meanfield": TraceMeanField_ELBO()},
+        {"obs": jnp.asarray(_simulate(np.random.default_rng(2)))},
+        num_steps=2,
+        steps_per_call=2,
+        eval_particles=2,
+        run_dir=run_dir,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("compare_run")
+    calls = Counter()
+    return _train_every_pair(run_dir, calls), calls, run_dir
+
+
+_MEAN_FIELD = "UserWarning: Failed to verify mean field restriction on the guide."
+
+
+def test_a_failing_pair_is_a_row_and_the_others_complete(trained):
+    rows, calls, run_dir = trained
+    aux, backward, smoothing = rows
+    assert calls == {"auxiliary": 1, "backward": 1, "smoothing": 1}
+    assert aux["failure"].startswith("TypeError: the auxiliary guide needs a model carrying")
+    assert "\n" not in aux["failure"] and aux["elbo_mean"] is None and aux["params"] == {}
+    assert not (run_dir / "auxiliary-meanfield").exists()  # failed: nothing stored to resume
+    for row in backward, smoothing:  # trained after the failure
+        assert row["failure"] is None and row["train_steps"] == 2
+        assert np.isfinite(row["elbo_mean"]) and np.isfinite(row["train_elbo"])
+        assert not np.allclose(row["params"]["A"], A)  # A moved
+    table = compare.markdown_table(rows).splitlines()
+    assert table[0].endswith("| notes |") and len(table) == 5
+    assert "| auxiliary | meanfield | – |" in table[2]
+    assert f"failed: {aux['failure']}" in table[2]
+
+
+def test_a_pairs_warnings_are_in_its_row_once(trained):
+    _, backward, smoothing = trained[0]
+    mean_field = [w for w in backward["warnings"] if w.startswith(_MEAN_FIELD)]
+    # raised at each trace of NumPyro's loss: recorded once, on one line, with the site orders
+    assert mean_field == [
+        f"{_MEAN_FIELD} To eliminate this warning, ensure model and guide sites occur in the "
+        "same order. Model sites: z_0 z Guide sites: z z_0"
+    ]
+    assert not any(w.startswith(_MEAN_FIELD) for w in smoothing["warnings"])
+    assert len(set(backward["warnings"])) == len(backward["warnings"])
+    assert f"warning: {mean_field[0]}" in compare.markdown_table(trained[0]).splitlines()[3]
+
+
+def test_a_run_dir_is_resumed_not_retrained(trained, tmp_path):
+    rows, _, original = trained
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)
+    metrics = (run_dir / "smoothing-meanfield" / "metrics.jsonl").read_text()
+    assert len(metrics.splitlines()) == 2
+
+    calls = Counter()
+    again = _train_every_pair(run_dir, calls)
+    assert calls == {"auxiliary": 1}  # failed pairs run again, finished ones are read back
+    assert again[1:] == rows[1:]  # including their stored seconds
+    assert again[0]["failure"] == rows[0]["failure"]
+
+    # a pair lost entirely is trained anew; one whose row was lost after training (an old
+    # run_dir, or a run stopped before its row was written) is evaluated at its checkpoint
+    shutil.rmtree(run_dir / "backward-meanfield")
+    (run_dir / "smoothing-meanfield" / compare.ROW_FILE).unlink()
+    calls = Counter()
+    again = _train_every_pair(run_dir, calls)
+    assert calls == {"auxiliary": 1, "backward": 1, "smoothing": 1}
+    assert (run_dir / "smoothing-meanfield" / "metrics.jsonl").read_text() == metrics  # no update
+    assert len((run_dir / "backward-meanfield" / "metrics.jsonl").read_text().splitlines()) == 2
+    for new, old in zip(again[1:], rows[1:], strict=True):  # deterministic on CPU
+        assert {**new, "seconds": 0} == {**old, "seconds": 0}
+    assert (run_dir / "backward-meanfield" / compare.ROW_FILE).exists()
 
 
 def _check_figure2(result, sigma_tol, filtering_factor):
