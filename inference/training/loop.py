@@ -29,10 +29,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from . import _io
+from . import checkpoint
 from .objective import Objective
 
 PyTree = Any
+#: names inside ``run_dir``
+CHECKPOINTS, METRICS = "checkpoints", "metrics.jsonl"
 
 
 class TrainState(NamedTuple):
@@ -204,17 +206,19 @@ def fit(
             on it. Calls also stop at checkpoint steps and at ``num_steps``. The compiled loop
             is cached per (objective, optimizer, batch_size, steps_per_call, devices): reuse
             the same optimizer object across calls to skip recompilation.
-        run_dir: directory for ``metrics.jsonl`` and orbax ``checkpoints/``; ``None`` keeps
-            everything in memory.
+        run_dir: directory for ``metrics.jsonl`` and ``checkpoints/<step>/``
+            (:mod:`~inference.training.checkpoint`); ``None`` keeps everything in memory.
         checkpoint_every: save the state every this many updates; it is also saved at the end,
             on ``KeyboardInterrupt`` (then re-raised) and before raising
             :class:`NonFiniteLossError`. A process killed outright loses only the updates since
             the last checkpoint.
         max_to_keep: checkpoints kept (latest first).
-        resume: continue from the latest checkpoint in ``run_dir`` when there is one (else
-            start as usual); metric records after its step are dropped from the file, so the
-            history has every step once. A run of ``n`` updates equals, bit for bit on CPU,
-            ``n/2`` updates then a resumed run to ``n``.
+        resume: continue from the newest intact checkpoint in ``run_dir`` when there is one
+            (else start as usual); damaged newer ones are skipped with a logged reason, and
+            with none intact :class:`~inference.training.checkpoint.CheckpointError` is raised
+            before anything is written. Metric records after its step (and a torn final line)
+            are dropped from the file, so the history has every step once. A run of ``n``
+            updates equals, bit for bit on CPU, ``n/2`` updates then a resumed run to ``n``.
         state: continue from this state instead of initialising (e.g. more updates on a grown
             replay buffer); ``run_dir`` must not hold checkpoints beyond its step.
         progress: show a tqdm progress bar with the latest loss.
@@ -233,6 +237,7 @@ def fit(
             multiple of the device count, or a checkpoint does not fit the objective.
         NonFiniteLossError: the loss or gradient of some update is NaN or infinite.
         FileExistsError: ``run_dir`` holds checkpoints past the start of a run not resumed.
+        CheckpointError: resuming, ``run_dir`` holds checkpoints but none is intact.
     """
     _check_data(data, batch_size)
     if resume and run_dir is None:
@@ -252,20 +257,20 @@ def fit(
         state = init_train_state(objective, optimizer, key, _first(data, batch_size))
     state = jax.device_put(state, placement)
 
-    manager, history = None, []
+    root, history = None, []
     if run_dir is not None:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        manager = _io.checkpoint_manager(run_dir, max_to_keep)
-        latest = manager.latest_step()
-        if resume and latest is not None:
-            state = _io.restore_state(manager, state, latest)
-        elif latest is not None and latest > int(state.step):
-            manager.close()
+        root = Path(run_dir) / CHECKPOINTS
+        found = checkpoint.steps(root)
+        if resume and found:
+            state = jax.device_put(_restore_newest(root, state), placement)
+        elif found and found[-1][0] > int(state.step):
             raise FileExistsError(
-                f"{run_dir} holds checkpoints up to step {latest}; pass resume=True or use "
-                "another run_dir"
+                f"{run_dir} holds checkpoints up to step {found[-1][0]}; pass resume=True or "
+                "use another run_dir"
             )
-        history = _io.read_metrics(run_dir, int(state.step))
+        checkpoint.remove_temporary(root)
+        history = checkpoint.read_metrics(Path(run_dir) / METRICS, int(state.step))
+    save = functools.partial(_save, root, keep=max_to_keep)
 
     run = _compiled_steps(objective, optimizer, batch_size, steps_per_call, mesh)
     step = int(state.step)
@@ -273,7 +278,7 @@ def fit(
     try:
         while step < num_steps:
             length = min(steps_per_call, num_steps - step)
-            if manager is not None:
+            if root is not None:
                 length = min(length, checkpoint_every - step % checkpoint_every)
             new_state, metrics = run(state, data, length)
             records = _records(jax.device_get(metrics), step, length)
@@ -281,39 +286,73 @@ def fit(
             if bad is not None:
                 last = state if bad == 0 else run(state, data, bad)[0]
                 _commit(history, records[:bad], run_dir)
-                raise _non_finite(records[bad], history, last, manager)
+                raise _non_finite(records[bad], history, last, root, max_to_keep)
             _commit(history, records, run_dir)
             state, step = new_state, step + length
             bar.update(length)
             bar.set_postfix(loss=f"{records[-1]['loss']:.4g}")
-            if manager is not None and step % checkpoint_every == 0:
-                _io.save_state(manager, state)
+            if step % checkpoint_every == 0:
+                save(state)
             if callback is not None and callback(state, records):
                 break
-        if manager is not None:
-            _io.save_state(manager, state)
+        save(state)
     except KeyboardInterrupt:
-        if manager is not None:
-            _io.save_state(manager, state)
+        save(state)
         raise
     finally:
         bar.close()
-        if manager is not None:
-            manager.wait_until_finished()
-            manager.close()
+        if root is not None:
+            checkpoint.remove_temporary(root)
     return state, history
 
 
 def restore(
     run_dir: str | os.PathLike, template: TrainState, step: int | None = None
 ) -> TrainState:
-    """Load the checkpoint of ``run_dir`` at ``step`` (default: latest) into the structure of
-    ``template`` (e.g. ``init_train_state`` of the same objective and optimizer)."""
-    manager = _io.checkpoint_manager(run_dir, max_to_keep=1, read_only=True)
+    """Load the checkpoint of ``run_dir`` at ``step`` (default: the newest intact one) into the
+    structure of ``template`` (e.g. ``init_train_state`` of the same objective and optimizer).
+
+    Raises:
+        FileNotFoundError: ``run_dir`` holds no checkpoint (at ``step``).
+        CheckpointError: the checkpoint (every one, without ``step``) is damaged.
+        ValueError: the checkpoint does not fit ``template``.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    if step is None:
+        if not checkpoint.steps(root):
+            raise FileNotFoundError(f"no checkpoint under {root}")
+        return _restore_newest(root, template)
+    if not (root / str(step)).is_dir():
+        raise FileNotFoundError(f"no checkpoint {root / str(step)}")
+    return _load(root / str(step), template)
+
+
+def _load(path: Path, template: TrainState) -> TrainState:
     try:
-        return _io.restore_state(manager, template, step)
-    finally:
-        manager.close()
+        return checkpoint.restore(path, {"state": template})[0]["state"]
+    except ValueError as error:
+        raise ValueError(
+            f"checkpoint {path} does not match the train state built by this objective and "
+            f"optimizer (different model, guide or optimizer?): {error}"
+        ) from error
+
+
+def _restore_newest(root: Path, template: TrainState) -> TrainState:
+    return checkpoint.restore_newest(root, lambda path: _load(path, template))[1]
+
+
+def _save(root: Path | None, state: TrainState, keep: int) -> None:
+    """Checkpoint ``state`` under its step unless that step is already saved intact."""
+    if root is None:
+        return
+    path = root / str(int(state.step))
+    if path.is_dir():
+        try:
+            checkpoint.verify(path)
+            return
+        except checkpoint.CheckpointError:
+            pass  # a damaged leftover of an earlier attempt: write it again
+    checkpoint.save(root, int(state.step), {"state": state}, keep=keep)
 
 
 def _check_data(data, batch_size):
@@ -351,14 +390,14 @@ def _first_non_finite(records):
 def _commit(history, records, run_dir):
     history.extend(records)
     if run_dir is not None and records:
-        _io.append_metrics(run_dir, records)
+        checkpoint.append_metrics(Path(run_dir) / METRICS, records)
 
 
-def _non_finite(record, history, last_state, manager):
+def _non_finite(record, history, last_state, root, keep):
     where = ""
-    if manager is not None:
-        _io.save_state(manager, last_state)
-        where = f"; the last finite state is checkpointed under {manager.directory}"
+    if root is not None:
+        _save(root, last_state, keep)
+        where = f"; the last finite state is checkpointed under {root}"
     last = history[-1] if history and history[-1]["step"] == record["step"] - 1 else None
     message = (
         f"non-finite loss or gradient at step {record['step']}: metrics {record}; "
