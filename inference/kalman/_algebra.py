@@ -2,8 +2,10 @@
 
 Every kernel in this package is written once against an :class:`Algebra`; the diagonal algebra
 makes it elementwise (a "matrix" is the vector of its diagonal, no inverse is ever formed), the
-dense algebra uses matrix products and linear solves. Only symmetric positive semi-definite
-matrices are ever passed to ``solve_ipm``'s factors, which the dense version relies on.
+dense algebra uses matrix products, Cholesky factorisations and triangular solves (an LU only
+in ``solve_ipm``, whose ``I + X Y`` with PSD ``X, Y`` is not symmetric: the parallel filter's
+elements). Only symmetric positive semi-definite matrices are ever passed to ``solve_ipm``'s
+factors, and only positive definite ones to ``solve_spd``, ``shrink`` and ``logdet_spd``.
 """
 
 from collections.abc import Callable
@@ -21,13 +23,13 @@ class Algebra(NamedTuple):
     mm: Callable[[Array, Array], Array]  # X @ Y
     mv: Callable[[Array, Array], Array]  # X @ v
     T: Callable[[Array], Array]  # X^T
-    solve: Callable[[Array, Array], Array]  # X^{-1} Z
+    solve_spd: Callable[[Array, Array], Array]  # X^{-1} Z for symmetric positive definite X
     solve_ipm: Callable[[Array, Array, Array], Array]  # (I + X Y)^{-1} Z
     eye: Callable[[Array], Array]  # identity of X's structure
     sym: Callable[[Array], Array]  # symmetrise a covariance
     sqrt: Callable[[Array], Array]  # a factor L with L L^T = X (lower Cholesky)
-    logdet_ipm: Callable[[Array, Array], Array]  # log det(I + X Y)
-    quad_inv: Callable[[Array, Array], Array]  # v^T X^{-1} v for SPD X
+    shrink: Callable[[Array, Array], Array]  # (I + X Y)^{-1} X for SPD X, PSD Y (symmetric)
+    logdet_spd: Callable[[Array], Array]  # log det X for SPD X
 
 
 def _dense_solve_ipm(X: Array, Y: Array, Z: Array) -> Array:
@@ -35,14 +37,24 @@ def _dense_solve_ipm(X: Array, Y: Array, Z: Array) -> Array:
     return jnp.linalg.solve(jnp.eye(d, dtype=X.dtype) + X @ Y, Z)
 
 
-def _dense_logdet_ipm(X: Array, Y: Array) -> Array:
-    d = X.shape[-1]
-    return jnp.linalg.slogdet(jnp.eye(d, dtype=X.dtype) + X @ Y)[1]
+def _dense_solve_spd(X: Array, Z: Array) -> Array:
+    L = jnp.linalg.cholesky(X)
+    return solve_triangular(L, solve_triangular(L, Z, lower=True), lower=True, trans=1)
 
 
-def _dense_quad_inv(X: Array, v: Array) -> Array:
-    u = solve_triangular(jnp.linalg.cholesky(X), v, lower=True)
-    return jnp.sum(u * u)
+def _dense_shrink(X: Array, Y: Array) -> Array:
+    """``(I + X Y)^{-1} X = L (I + L^T Y L)^{-1} L^T`` with ``X = L L^T``: a Gram matrix, so
+    symmetric positive semi-definite by construction."""
+    L = jnp.linalg.cholesky(X)
+    LT = jnp.swapaxes(L, -1, -2)
+    M = jnp.eye(X.shape[-1], dtype=X.dtype) + LT @ Y @ L
+    G = solve_triangular(jnp.linalg.cholesky(0.5 * (M + jnp.swapaxes(M, -1, -2))), LT, lower=True)
+    return jnp.swapaxes(G, -1, -2) @ G
+
+
+def _dense_logdet_spd(X: Array) -> Array:
+    L = jnp.linalg.cholesky(X)
+    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)), axis=-1)
 
 
 DIAG = Algebra(
@@ -50,13 +62,13 @@ DIAG = Algebra(
     mm=lambda X, Y: X * Y,
     mv=lambda X, v: X * v,
     T=lambda X: X,
-    solve=lambda X, Z: Z / X,
+    solve_spd=lambda X, Z: Z / X,
     solve_ipm=lambda X, Y, Z: Z / (1.0 + X * Y),
     eye=jnp.ones_like,
     sym=lambda X: X,
     sqrt=jnp.sqrt,
-    logdet_ipm=lambda X, Y: jnp.sum(jnp.log1p(X * Y)),
-    quad_inv=lambda X, v: jnp.sum(v * v / X),
+    shrink=lambda X, Y: X / (1.0 + X * Y),
+    logdet_spd=lambda X: jnp.sum(jnp.log(X), axis=-1),
 )
 
 DENSE = Algebra(
@@ -64,13 +76,13 @@ DENSE = Algebra(
     mm=jnp.matmul,
     mv=lambda X, v: jnp.einsum("...ij,...j->...i", X, v),
     T=lambda X: jnp.swapaxes(X, -1, -2),
-    solve=jnp.linalg.solve,
+    solve_spd=_dense_solve_spd,
     solve_ipm=_dense_solve_ipm,
     eye=lambda X: jnp.broadcast_to(jnp.eye(X.shape[-1], dtype=X.dtype), X.shape),
     sym=lambda X: 0.5 * (X + jnp.swapaxes(X, -1, -2)),
     sqrt=jnp.linalg.cholesky,
-    logdet_ipm=_dense_logdet_ipm,
-    quad_inv=_dense_quad_inv,
+    shrink=_dense_shrink,
+    logdet_spd=_dense_logdet_spd,
 )
 
 

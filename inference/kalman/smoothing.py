@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from . import _scan
+from . import _scan, step
 from ._algebra import Algebra, algebra_for
 from ._types import Dynamics, Emissions, FilterResult, Gaussian, LinearGaussian, SmootherResult
 from ._validate import canonicalize
@@ -64,10 +64,9 @@ def compose_scan(alg: Algebra, elems: LinearGaussian, fields, parallel, reverse,
     )
 
 
-def _backward_element(alg: Algebra, m, P, A, b, Q) -> LinearGaussian:
-    P_pred = alg.sym(alg.mm(alg.mm(A, P), alg.T(A)) + Q)
-    E = alg.T(alg.solve(P_pred, alg.mm(A, P)))  # P A^T P_pred^{-1}
-    g = m - alg.mv(E, alg.mv(A, m) + b)
+def _backward_element(alg: Algebra, m, P, A, Q, m_pred, P_pred) -> LinearGaussian:
+    E = alg.T(alg.solve_spd(P_pred, alg.mm(A, P)))  # P A^T P_pred^{-1}
+    g = m - alg.mv(E, m_pred)
     IEA = alg.eye(P) - alg.mm(E, A)
     L = alg.sym(alg.mm(alg.mm(IEA, P), alg.T(IEA)) + alg.mm(alg.mm(E, Q), alg.T(E)))
     return LinearGaussian(E, g, L)
@@ -76,7 +75,9 @@ def _backward_element(alg: Algebra, m, P, A, b, Q) -> LinearGaussian:
 def backward_conditionals(filtered: FilterResult | Gaussian, dynamics: Dynamics) -> LinearGaussian:
     """``q(z_t | z_{t+1}, o_{0:t})`` for ``t = 0..T-2`` from filtered beliefs and the dynamics.
 
-    ``dynamics`` may be static or time-varying (leading axis ``T - 1``), as for the filter.
+    ``dynamics`` may be static or time-varying (leading axis ``T - 1``), as for the filter. A
+    :class:`FilterResult` brings its predicted beliefs along; from filtered beliefs alone they
+    are predicted here.
     """
     belief = filtered.filtered if isinstance(filtered, FilterResult) else filtered
     alg = algebra_for(belief.cov[0])
@@ -87,8 +88,12 @@ def backward_conditionals(filtered: FilterResult | Gaussian, dynamics: Dynamics)
         b = jnp.zeros_like(belief.mean[:-1])
     A, Q = (jnp.broadcast_to(x, (T - 1, *stat)) if x.ndim == len(stat) else x for x in (A, Q))
     b = jnp.broadcast_to(b, (T - 1, belief.mean.shape[1]))
-    step = partial(_backward_element, alg)
-    return jax.vmap(step)(belief.mean[:-1], belief.cov[:-1], A, b, Q)
+    now = Gaussian(belief.mean[:-1], belief.cov[:-1])
+    if isinstance(filtered, FilterResult):
+        pred = Gaussian(filtered.predicted.mean[1:], filtered.predicted.cov[1:])
+    else:
+        pred = jax.vmap(step.predict)(now, Dynamics(A, b, Q))
+    return jax.vmap(partial(_backward_element, alg))(*now, A, Q, *pred)
 
 
 def smooth_filtered(
@@ -125,11 +130,11 @@ def smoothed_dynamics(result: SmootherResult) -> LinearGaussian:
     ms, Ps = result.smoothed
     alg = algebra_for(Ps[0])
     C = result.cross_cov
-    M = alg.T(alg.solve(Ps[:-1], C))  # C^T Ps_t^{-1}
+    M = alg.T(alg.solve_spd(Ps[:-1], C))  # C^T Ps_t^{-1}
     c = ms[1:] - alg.mv(M, ms[:-1])
     E, L = result.backward.A, result.backward.Q
-    W = alg.mm(alg.T(E), alg.solve(L, E))  # E^T L^{-1} E
-    S = alg.sym(alg.solve_ipm(Ps[1:], W, Ps[1:]))  # (I + Ps_{t+1} W)^{-1} Ps_{t+1}
+    W = alg.mm(alg.T(E), alg.solve_spd(L, E))  # E^T L^{-1} E
+    S = alg.shrink(Ps[1:], W)  # (I + Ps_{t+1} W)^{-1} Ps_{t+1}
     return LinearGaussian(M, c, S)
 
 
@@ -157,6 +162,6 @@ def expected_kl(result: SmootherResult, dynamics: Dynamics) -> Array:
         V = fwd.Q + D * D * Ps[:-1] + r * r
         return 0.5 * jnp.sum(V / Q - 1.0 + jnp.log(Q) - jnp.log(fwd.Q), axis=-1)
     V = fwd.Q + D @ Ps[:-1] @ jnp.swapaxes(D, -1, -2) + r[..., :, None] * r[..., None, :]
-    tr = jnp.trace(jnp.linalg.solve(Q, V), axis1=-2, axis2=-1)
-    logdet = jnp.linalg.slogdet(Q)[1] - jnp.linalg.slogdet(fwd.Q)[1]
+    tr = jnp.trace(alg.solve_spd(Q, V), axis1=-2, axis2=-1)
+    logdet = alg.logdet_spd(Q) - alg.logdet_spd(fwd.Q)
     return 0.5 * (tr - d + logdet)
