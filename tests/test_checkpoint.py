@@ -119,6 +119,12 @@ def test_no_intact_checkpoint_names_every_file_and_changes_nothing(tmp_path):
     assert _snapshot(tmp_path) == before
     assert checkpoint.latest(tmp_path) is None
     assert checkpoint.restore_newest(tmp_path / "none", lambda p: p) is None
+    # what an older version wrote is named, not taken for an empty run
+    old = tmp_path / "old"
+    (old / "ckpt-0000000125").mkdir(parents=True)
+    (old / "LATEST").write_text("ckpt-0000000125")
+    with pytest.raises(checkpoint.CheckpointError, match="it holds LATEST, ckpt-0000000125"):
+        checkpoint.restore_newest(old, lambda p: p)
 
 
 def test_mismatched_template_raises(tmp_path):

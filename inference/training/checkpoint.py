@@ -81,6 +81,16 @@ def steps(root: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def others(root: str | os.PathLike) -> list[Path]:
+    """What else ``root`` holds besides checkpoints and temporary directories (e.g. the
+    checkpoints of an older version of this module), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if not p.name.isdigit()
+                  and not p.name.startswith(_TMP_PREFIX))  # fmt: skip
+
+
 def save(
     root: str | os.PathLike,
     step: int,
@@ -230,10 +240,11 @@ def restore_newest(root: str | os.PathLike, load: Callable[[Path], Any]) -> tupl
     :class:`CheckpointError`; each one skipped is logged with the reason. Nothing is deleted.
 
     Returns:
-        ``None`` when ``root`` holds no checkpoint directory at all.
+        ``None`` when ``root`` holds nothing but temporary directories (or does not exist).
 
     Raises:
-        CheckpointError: checkpoints exist but none is intact (every reason in the message).
+        CheckpointError: checkpoints exist but none is intact (every reason in the message),
+            or ``root`` holds only files this module did not write.
         ValueError: whatever ``load`` raises besides :class:`CheckpointError` (e.g. a template
             mismatch) is not damage and propagates at once.
     """
@@ -246,6 +257,10 @@ def restore_newest(root: str | os.PathLike, load: Callable[[Path], Any]) -> tupl
             reasons.append(str(e))
             log.warning("skipping checkpoint %s: %s", path, e)
     if not found:
+        if foreign := others(root):
+            names = ", ".join(p.name for p in foreign)
+            raise CheckpointError(f"no checkpoint under {root} that this version reads; it holds "
+                                  f"{names} (written by an older version?)")  # fmt: skip
         return None
     raise CheckpointError(
         f"no intact checkpoint under {root} (nothing was changed): " + "; ".join(reasons)
