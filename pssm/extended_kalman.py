@@ -75,21 +75,6 @@ def _logdet(L):
     return 2.0 * jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)), -1)
 
 
-def _kalman_update(pred: kalman.Gaussian, a, observed, H, R):
-    """Condition ``N(m, P)`` on ``a ~ N(H z, R)``: ``W = L^-1 H P`` with ``L L^T = H P H^T + R``,
-    ``m + W^T L^-1 (a - H m)``, ``P - W^T W``; and ``log N(a; H m, H P H^T + R)``. A missing
-    ``a`` (``observed`` false) leaves the belief unchanged and scores 0."""
-    m, P = pred
-    L = jnp.linalg.cholesky(H @ P @ H.T + R)
-    W = jax.scipy.linalg.solve_triangular(L, H @ P, lower=True)
-    v = jax.scipy.linalg.solve_triangular(L, a - H @ m, lower=True)
-    cov = P - W.T @ W
-    filt = kalman.Gaussian(m + W.T @ v, 0.5 * (cov + cov.T))
-    ll = -0.5 * (v @ v + _logdet(L) + a.shape[-1] * _LOG_2PI)
-    keep = lambda new, old: jnp.where(observed, new, old)
-    return jax.tree.map(keep, filt, pred), jnp.where(observed, ll, 0.0)
-
-
 def extended_kalman_filter(
     transition: Transition,
     prior: kalman.Gaussian,
@@ -115,10 +100,9 @@ def extended_kalman_filter(
 
     def step(pred, xs):
         a_t, m_t, u_t = xs
-        filt, ll = _kalman_update(pred, a_t, m_t, H, R)
-        F, b, mean, Q = apply_transition(transition, filt.mean, None if actions is None else u_t)
-        cov = F @ filt.cov @ F.T + Q
-        return kalman.Gaussian(mean, 0.5 * (cov + cov.T)), (pred, filt, F, b, Q, ll)
+        filt, ll = kalman.update(pred, a_t, R, mask=m_t, H=H)  # a missing a_t: unchanged, 0
+        F, b, _, Q = apply_transition(transition, filt.mean, None if actions is None else u_t)
+        return kalman.predict(filt, kalman.Dynamics(F, b, Q)), (pred, filt, F, b, Q, ll)
 
     _, (pred, filt, F, b, Q, lls) = jax.lax.scan(step, prior, (a, mask, u))
     return EKFResult(pred, filt, kalman.Dynamics(F[:-1], b[:-1], Q[:-1]), lls)

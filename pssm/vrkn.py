@@ -76,29 +76,8 @@ __all__ = [
     "FreeNatsELBO",
     "Networks",
     "VRKNTransition",
-    "kalman_update",
-    "predict",
     "vrkn",
 ]
-
-
-def kalman_update(mean, var, w, R, mask):
-    """Condition ``N(mean, diag(var))`` ``(..., d)`` on latent observations
-    ``w_k = z + N(0, diag(R_k))`` ``(..., K, d)`` with observed flags ``mask`` ``(..., K)``:
-
-        J = sum_k m_k / R_k,  h = sum_k m_k w_k / R_k,
-        var+ = var / (1 + var J),  mean+ = (mean + var h) / (1 + var J).
-    """
-    seen = mask[..., None] > 0
-    J = jnp.sum(jnp.where(seen, 1.0 / R, 0.0), axis=-2)
-    h = jnp.sum(jnp.where(seen, w / R, 0.0), axis=-2)
-    denom = 1.0 + var * J
-    return (mean + var * h) / denom, var / denom
-
-
-def predict(mean, var, A, b, Q):
-    """Push ``N(mean, diag(var))`` through ``z' = A z + b + N(0, diag(Q))`` (diagonal ``A``)."""
-    return A * mean + b, A * A * var + Q
 
 
 class VRKNTransition(nnx.Module):
@@ -327,12 +306,13 @@ def vrkn(
         time = lambda v: jnp.moveaxis(v, 1, 0)
         m0 = jnp.broadcast_to(n.initial.mean, (B, d))
         P0 = jnp.broadcast_to(n.initial.cov, (B, d))
-        first = kalman_update(m0, P0, w[:, 0], R[:, 0], x.mask[:, 0])
+        first, _ = kalman.update(kalman.Gaussian(m0, P0), w[:, 0], R[:, 0], x.mask[:, 0])
 
         def step(belief, xs):  # filtered belief at t -> (A_t, b_t, Q_t), filtered at t + 1
             a_t, noise_t, w_next, R_next, mask_next = xs
-            A, b, Q = n.transition(belief[0], a_t.astype(w.dtype), noise=noise_t)
-            filtered = kalman_update(*predict(*belief, A, b, Q), w_next, R_next, mask_next)
+            A, b, Q = n.transition(belief.mean, a_t.astype(w.dtype), noise=noise_t)
+            predicted = kalman.predict(belief, kalman.Dynamics(A, b, Q))
+            filtered, _ = kalman.update(predicted, w_next, R_next, mask_next)
             return filtered, (A, b, Q, *filtered)
 
         xs = (actions[:, :-1], noise, w[:, 1:], R[:, 1:], x.mask[:, 1:])
@@ -340,8 +320,8 @@ def vrkn(
         _, (A, b, Q, means, variances) = jax.lax.scan(step, first, xs)
         A, b, Q, means, variances = map(time, (A, b, Q, means, variances))
         filtered = kalman.Gaussian(
-            jnp.concatenate([first[0][:, None], means], axis=1),
-            jnp.concatenate([first[1][:, None], variances], axis=1),
+            jnp.concatenate([first.mean[:, None], means], axis=1),
+            jnp.concatenate([first.cov[:, None], variances], axis=1),
         )
         prior = kalman.Gaussian(m0, P0)
         emissions = kalman.Emissions(w, R, x.mask) if m == d else latent_emissions(w, R, x.mask)

@@ -62,16 +62,6 @@ class KalMambaBelief(NamedTuple):
     action: jax.Array
 
 
-def kalman_update(mean, cov, w, R, mask):
-    """Diagonal Kalman update of ``N(mean, cov)`` ``(B, d)`` with ``K`` sensors
-    ``w_k = z + N(0, R_k)`` ``(B, K, d)``, masked per sensor ``(B, K)``, in information form:
-    ``cov+ = cov / (1 + cov J)``, ``mean+ = (mean + cov h) / (1 + cov J)``, ``J = sum_k 1/R_k``,
-    ``h = sum_k w_k / R_k`` over the observed sensors."""
-    prec = jnp.where(mask[..., None], 1.0 / R, 0.0)
-    J, h = prec.sum(-2), (prec * w).sum(-2)
-    return (mean + cov * h) / (1.0 + cov * J), cov / (1.0 + cov * J)
-
-
 def kalmamba_world_model(
     obs_dims,
     action_dim: int,
@@ -135,7 +125,7 @@ def kalmamba_world_model(
             w.append(w_k)
             R.append(R_k)
         w, R = jnp.stack(w, axis=1), jnp.stack(R, axis=1)  # (B, K, d)
-        mean, cov = kalman_update(belief.mean, belief.cov, w, R, seen)
+        (mean, cov), _ = kalman.update(kalman.Gaussian(belief.mean, belief.cov), w, R, seen)
         m, state = step_mamba(n.backbone, belief.base, fuse(w, R, seen), belief.action, seen, key)
         return belief._replace(mean=mean, cov=cov, m=m, mamba=state)
 

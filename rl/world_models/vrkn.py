@@ -29,10 +29,11 @@ import jax
 import jax.numpy as jnp
 from numpyro import handlers
 
+from inference import kalman
 from inference.guides import kalman_smoothing
 from inference.objectives import FreeNatsELBO
 from inference.training import elbo_objective
-from pssm.vrkn import kalman_update, predict, vrkn
+from pssm.vrkn import vrkn
 
 from ..world_model import WorldModel, step_observations
 
@@ -103,9 +104,10 @@ def vrkn_world_model(
             w_k, R_k = n.encoders[name](obs[name].astype(belief.mean.dtype))
             w.append(w_k)
             R.append(R_k)
-        mean, var = kalman_update(
-            belief.mean, belief.var, jnp.stack(w, axis=-2), jnp.stack(R, axis=-2), m
+        posterior, _ = kalman.update(
+            kalman.Gaussian(belief.mean, belief.var), jnp.stack(w, -2), jnp.stack(R, -2), m
         )
+        mean, var = posterior
         eps = jax.random.normal(key, mean.shape, mean.dtype)
         return VRKNBelief(mean, var, mean + jnp.sqrt(var) * eps)
 
@@ -114,7 +116,7 @@ def vrkn_world_model(
         k_drop, k_eps = jax.random.split(key)
         a = jnp.asarray(action, belief.mean.dtype).reshape(belief.mean.shape[0], u)
         A, b, Q = n.transition(belief.mean, a, k_drop if model.mc_dropout else None)
-        mean, var = predict(belief.mean, belief.var, A, b, Q)
+        mean, var = kalman.predict(kalman.Gaussian(belief.mean, belief.var), (A, b, Q))
         eps = jax.random.normal(k_eps, mean.shape, mean.dtype)
         return VRKNBelief(mean, var, A * belief.sample + b + jnp.sqrt(Q) * eps)
 
