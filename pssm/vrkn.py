@@ -58,6 +58,7 @@ from inference import kalman
 from inference.objectives.free_nats import FreeNatsELBO
 
 from . import nets
+from .belief import BeliefStep
 from .core import Structure, linear_gaussian, model_prior_conditionals, sample_latent_path
 from .layers import ConvDecoder, GaussianConvEncoder, MCDropout, preprocess_image
 from .locally_linear import (
@@ -70,11 +71,13 @@ from .locally_linear import (
     partial_observation,
     prepare_inputs,
 )
+from .observations import step_observations
 from .rssm import score_rewards
 
 __all__ = [
     "FreeNatsELBO",
     "Networks",
+    "VRKNBelief",
     "VRKNTransition",
     "vrkn",
 ]
@@ -140,6 +143,15 @@ class VRKNTransition(nnx.Module):
         A = nets.scaled_sigmoid(A_raw, *self.A_bounds)
         Q = nets.scaled_sigmoid(Q_raw, *self.Q_bounds)
         return A, b, Q
+
+
+class VRKNBelief(NamedTuple):
+    """The filtered ``N(mean, diag(var))`` and one ``sample`` of the state, ``(B, d)`` each (the
+    official code keeps the same triple; the sample is what it feeds actor, critic and heads)."""
+
+    mean: jax.Array
+    var: jax.Array
+    sample: jax.Array
 
 
 class Networks(NamedTuple):
@@ -296,10 +308,21 @@ def vrkn(
                 f"{name}_dropout", MCDropout.noise_distribution(shape).to_event(2)
             )
 
+    names = list(dims)
+
+    def encode(n: Networks, obs: Mapping) -> tuple[jax.Array, jax.Array]:
+        """The latent observations ``w, R`` ``(..., K, d)`` of every modality."""
+        w, R = zip(*(n.encoders[k](obs[k]) for k in names), strict=True)
+        return jnp.stack(w, axis=-2), jnp.stack(R, axis=-2)
+
+    def advance(n: Networks, belief: kalman.Gaussian, action, key=None, noise=None):
+        """The prior step: dynamics linearised at the filtered mean, and the predicted belief."""
+        dynamics = kalman.Dynamics(*n.transition(belief.mean, action, key, noise=noise))
+        return dynamics, kalman.predict(belief, dynamics)
+
     def filtered_lgssm(x: Inputs, n: Networks) -> tuple[Structure, kalman.Gaussian]:
         """The recurrent filter: the latent LGSSM and the filtered beliefs ``(B, T, d)``."""
-        w, R = zip(*(n.encoders[k](o) for k, o in x.obs.items()), strict=True)
-        w, R = jnp.stack(w, axis=2), jnp.stack(R, axis=2)  # (B, T, K, d)
+        w, R = encode(n, x.obs)  # (B, T, K, d)
         B, T = x.mask.shape[:2]
         noise = dropout_noise(B, T)
         actions = jnp.zeros((B, T, 0), w.dtype) if x.actions is None else x.actions
@@ -310,10 +333,9 @@ def vrkn(
 
         def step(belief, xs):  # filtered belief at t -> (A_t, b_t, Q_t), filtered at t + 1
             a_t, noise_t, w_next, R_next, mask_next = xs
-            A, b, Q = n.transition(belief.mean, a_t.astype(w.dtype), noise=noise_t)
-            predicted = kalman.predict(belief, kalman.Dynamics(A, b, Q))
+            dynamics, predicted = advance(n, belief, a_t.astype(w.dtype), noise=noise_t)
             filtered, _ = kalman.update(predicted, w_next, R_next, mask_next)
-            return filtered, (A, b, Q, *filtered)
+            return filtered, (*dynamics, *filtered)
 
         xs = (actions[:, :-1], noise, w[:, 1:], R[:, 1:], x.mask[:, 1:])
         xs = jax.tree.map(time, xs)
@@ -337,6 +359,43 @@ def vrkn(
     def filter_beliefs(obs, actions=None, mask=None) -> kalman.Gaussian:
         return filtered_lgssm(inputs(obs, actions, mask), networks())[1]
 
+    def belief_step(features: str = "mean") -> BeliefStep:
+        """The online filter (:mod:`pssm.belief`) from the steps ``filtered_lgssm`` scans:
+        ``condition`` is the Kalman update on the encoders' latent observations, ``predict``
+        the transition linearised at the belief mean (fresh MC-dropout masks from ``key``)
+        followed by the Kalman prediction; the sample is redrawn from the updated belief and
+        pushed ancestrally through ``z' = A z + b + sqrt(Q) eps`` (reparameterised), so it
+        stays a draw from the belief. ``features``: ``"mean"`` or ``"sample"``."""
+        if features not in ("mean", "sample"):
+            raise ValueError(f"features must be 'mean' or 'sample', got {features!r}")
+        n = networks()
+
+        def init(batch_size):
+            mean = jnp.broadcast_to(n.initial.mean, (batch_size, d))
+            return VRKNBelief(mean, jnp.broadcast_to(n.initial.cov, mean.shape), mean)
+
+        def condition(belief, obs, mask, key):
+            obs, seen = step_observations(preprocess(obs), mask, names)
+            w, R = encode(n, {k: o.astype(belief.mean.dtype) for k, o in obs.items()})
+            post, _ = kalman.update(kalman.Gaussian(belief.mean, belief.var), w, R, seen)
+            eps = jax.random.normal(key, post.mean.shape, post.mean.dtype)
+            return VRKNBelief(post.mean, post.cov, post.mean + jnp.sqrt(post.cov) * eps)
+
+        def predict(belief, action, key):
+            k_drop, k_eps = jax.random.split(key)
+            a = jnp.asarray(action, belief.mean.dtype).reshape(belief.mean.shape[0], u)
+            now = kalman.Gaussian(belief.mean, belief.var)
+            (A, b, Q), pred = advance(n, now, a, key=k_drop if rate else None)
+            eps = jax.random.normal(k_eps, pred.mean.shape, pred.mean.dtype)
+            return VRKNBelief(pred.mean, pred.cov, A * belief.sample + b + jnp.sqrt(Q) * eps)
+
+        def decode(f):
+            out = {k: fn(f) for k, fn in n.decoders.items()}
+            return out if isinstance(obs_dims, Mapping) else out[names[0]]
+
+        pick = (lambda b: b.mean) if features == "mean" else (lambda b: b.sample)
+        return BeliefStep(init, condition, predict, pick, n.reward, decode)
+
     @linear_gaussian(structure)
     def model(obs, actions=None, mask=None, rewards=None):
         x = inputs(obs, actions, mask)
@@ -352,6 +411,7 @@ def vrkn(
         return z
 
     model.filter, model.networks, model.preprocess = filter_beliefs, networks, preprocess
+    model.belief_step = belief_step
     model.latent_dim = model.feature_size = d
     model.action_dim, model.obs_dims, model.mc_dropout = u, dims, bool(rate)
     model.observed_dim = m

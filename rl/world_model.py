@@ -32,7 +32,7 @@ against ``reward(features(z_{t+1}))``; the last step's reward has no successor a
 scored).
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -112,20 +112,38 @@ def imagine_rollout(wm: WorldModel, params, key, belief, policy, horizon: int):
     return jnp.concatenate([f0[None], f], axis=0), a, r
 
 
-def step_observations(obs, mask, names: list[str]) -> tuple[dict, jax.Array]:
-    """One step's observations as ``{modality: (B, ...)}`` with the unseen entries zeroed
-    (they may hold anything, NaN included, which an encoder would carry into the belief even
-    where its output is masked), and the sensor mask as ``(B, K)`` booleans, ``K = len(names)``.
+def belief_world_model(model, objective: Objective, **step_options) -> WorldModel:
+    """The world model of any model offering a belief step (:mod:`pssm.belief`) with a
+    reward head: each function runs ``model.belief_step(**step_options)`` under the given
+    parameters, so agents filter with the very step the model's program scans. No per-family
+    code: a user's own model acts through this as the built-in families do."""
+    if not callable(getattr(model, "belief_step", None)):
+        raise TypeError("the model offers no belief_step() (see pssm.belief): it cannot act")
 
-    ``obs``: an array (one modality, named ``names[0]``) or a mapping holding every name;
-    ``mask``: ``None`` (all seen), ``(B,)`` (per step) or ``(B, K)`` (per sensor).
-    """
-    parts = {k: obs[k] for k in names} if isinstance(obs, Mapping) else {names[0]: obs}
-    B, K = jnp.shape(parts[names[0]])[0], len(names)
-    m = jnp.ones((B, K), bool) if mask is None else jnp.asarray(mask).astype(bool)
-    m = jnp.broadcast_to(m[:, None], (B, K)) if m.ndim == 1 else m
-    seen = lambda i, o: m[:, i].reshape((B,) + (1,) * (jnp.ndim(o) - 1))
-    return {k: jnp.where(seen(i, parts[k]), parts[k], 0.0) for i, k in enumerate(names)}, m
+    def step(params):
+        with handlers.substitute(data=params):
+            return model.belief_step(**step_options)
+
+    def reward(params, f):
+        head = step(params).reward
+        if head is None:
+            raise ValueError("the model has no reward head: build it with one to act")
+        return head(f)
+
+    def decode(params, f):
+        return step(params).decode(f)
+
+    return WorldModel(
+        objective=objective,
+        init_belief=lambda params, batch_size: step(params).init(batch_size),
+        observe=lambda params, key, b, obs, mask=None: step(params).condition(b, obs, mask, key),
+        imagine=lambda params, key, b, action: step(params).predict(b, action, key),
+        features=lambda params, b: step(params).features(b),
+        reward=reward,
+        feature_size=int(model.feature_size),
+        action_dim=int(model.action_dim),
+        decode=decode,
+    )
 
 
 def substituted_heads(model, single: str | None):

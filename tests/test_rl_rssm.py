@@ -7,7 +7,8 @@ import optax
 from numpyro import handlers
 
 from inference import training
-from rl.world_model import filter_sequence, imagine_rollout, step_observations
+from pssm.observations import step_observations
+from rl.world_model import filter_sequence, imagine_rollout
 from rl.world_models.rssm import RSSMBelief, rssm_model_and_guide, rssm_world_model
 
 B, T, P, U = 3, 5, 4, 2

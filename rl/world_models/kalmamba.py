@@ -46,8 +46,9 @@ from inference.training import elbo_objective
 from pssm.kalmamba import KalMambaELBO, backbone_inputs, kalmamba
 from pssm.locally_linear import fuse
 from pssm.mamba import MambaState
+from pssm.observations import step_observations
 
-from ..world_model import WorldModel, step_observations, substituted_heads
+from ..world_model import WorldModel, substituted_heads
 
 
 class KalMambaBelief(NamedTuple):

@@ -27,9 +27,10 @@ from numpyro.infer import TraceMeanField_ELBO
 from inference.guides.rssm_filtering import rssm_filtering
 from inference.training import elbo_objective
 from pssm.locally_linear import event_shape
+from pssm.observations import step_observations
 from pssm.rssm import rssm
 
-from ..world_model import WorldModel, step_observations, substituted_heads
+from ..world_model import WorldModel, substituted_heads
 
 
 class RSSMBelief(NamedTuple):
