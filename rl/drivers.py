@@ -32,6 +32,7 @@ from .world_model import WorldModel, filter_sequence
 PyTree = Any
 AGENTS = ("random", "sac", "sac-belief", "dreamer", "planet")
 MODELS = ("rssm", "vrkn", "kalmamba")
+PRESETS = ("cpu", "gpu")  # network, batch and planner sizes (read where each is built)
 
 
 class Driver(NamedTuple):

@@ -4,9 +4,14 @@ One run is one :class:`RunConfig` and one directory::
 
     run_dir/config.json      the configuration (a resumed run must match it)
     run_dir/metrics.jsonl    one JSON record per episode, training call and evaluation
+    run_dir/tensorboard/     the same metrics as TensorBoard event files (rl.run_log)
+    run_dir/videos/          a GIF of the first episode of every evaluation (rl.video)
     run_dir/checkpoints/     model, agent and optimiser states, replay, RNG, counters
     run_dir/returns.png      training and evaluation returns against a random policy
     run_dir/summary.json     final evaluation return next to the random policy's
+
+A configuration is checked (:func:`rl.config.check`) and the run directory too
+(:func:`check_run_dir`) before anything is written.
 
 Determinism and resuming. Checkpoints are written at episode boundaries (every
 ``checkpoint_every`` agent steps, rounded up to the end of an episode) and hold everything the
@@ -16,7 +21,10 @@ function of the run seed and a counter: episode ``i`` runs in an environment see
 ``(seed, i)``, action ``t`` uses ``fold_in(key, t)`` and training call ``j`` ``fold_in(key', j)``.
 So a run killed at any moment (SIGKILL included) and resumed with ``resume=True`` repeats the
 episodes after its last checkpoint exactly as the uninterrupted run plays them, and reaches
-the same step count with no replay lost.
+the same step count with no replay lost. Resuming takes the newest checkpoint that verifies
+(:mod:`inference.training.checkpoint`): a damaged, incomplete or missing newest one is skipped
+with a logged reason, and with none intact the run stops before changing anything. A resumed
+run may raise ``env_steps``: a finished run then goes on.
 
 Time units: ``steps`` count agent steps (one action, repeated ``action_repeat`` times in the
 simulator); ``env_steps = steps * action_repeat`` is what the papers report.
@@ -24,6 +32,7 @@ simulator); ``env_steps = steps * action_repeat`` is what the papers report.
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -33,71 +42,19 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checkpoint, envs
+from . import checkpoint, envs, video
+from .checkpoint import CheckpointError
+from .config import ConfigError, RunConfig, check, describe, resume_differences
 from .drivers import Driver, make_driver
 from .replay import Replay
+from .run_log import RunLog
 
+__all__ = ["CheckpointError", "ConfigError", "RunConfig", "check_run_dir", "evaluate",
+           "play_episode", "run", "stored_config", "use_compilation_cache"]  # fmt: skip
 
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """A run: what to train, on which task, for how long.
-
-    The defaults are the main job: SAC on the filtered belief of a VRKN world model on
-    cartpole-swingup from noisy states (observation and action noise N(0, 0.3), the KalMamba
-    setting), 100k environment steps with the CPU preset (minutes on 2 CPU cores).
-
-    Attributes:
-        agent: ``"sac"`` (raw observations), ``"sac-belief"`` (SAC on a world model's filtered
-            belief mean), ``"dreamer"``, ``"planet"`` or ``"random"``.
-        model: world model for model-based agents: ``"rssm"``, ``"vrkn"``, ``"kalmamba"``.
-        task: dm_control task, e.g. ``"cartpole-swingup"``.
-        obs: ``"states"``, ``"pixels"`` or ``"both"``.
-        image_size: height and width of rendered images (a multiple of 16, at least 48 for the
-            conv encoder; the papers: 64).
-        variant: environment variant (:data:`rl.envs.VARIANTS` name) or ``None``.
-        preset: ``"cpu"`` or ``"gpu"``: network sizes, batch sizes, planner sizes.
-        seed: everything random in the run derives from it.
-        env_steps: simulator steps of training (the papers' unit).
-        prefill_steps: agent steps of a uniform random policy before any training.
-        action_repeat: ``None`` for the task default.
-        train_every: agent steps between training calls.
-        updates: agent (and world-model) updates per training call.
-        eval_every: agent steps between evaluations (at episode ends).
-        eval_episodes: episodes per evaluation (deterministic policy, separate seeds).
-        checkpoint_every: agent steps between checkpoints (at episode ends).
-        replay_capacity: rows kept in replay.
-        overrides: extra driver settings (``{"hidden": 64, ...}``), see :mod:`rl.drivers`.
-    """
-
-    agent: str = "sac-belief"
-    model: str = "vrkn"
-    task: str = "cartpole-swingup"
-    obs: str = "states"
-    image_size: int = 64
-    variant: str | None = "noisy"
-    preset: str = "cpu"
-    seed: int = 0
-    env_steps: int = 100_000
-    prefill_steps: int = 1_000
-    action_repeat: int | None = None
-    train_every: int = 50
-    updates: int = 50
-    eval_every: int = 5_000
-    eval_episodes: int = 5
-    checkpoint_every: int = 5_000
-    replay_capacity: int = 1_000_000
-    overrides: tuple = ()
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["overrides"] = [list(kv) for kv in self.overrides]
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "RunConfig":
-        d = dict(d)
-        d["overrides"] = tuple(tuple(kv) for kv in d.get("overrides", ()))
-        return cls(**d)
+log = logging.getLogger(__name__)
+#: names inside a run directory
+CONFIG, CHECKPOINTS, REPLAY, VIDEOS = "config.json", "checkpoints", "replay.npz", "videos"
 
 
 #: Drivers built in this process (at most a few), by their configuration without the fields
@@ -169,9 +126,12 @@ def random_policy(action_dim: int, seed: int):
     return lambda t, obs, mask, first: rng.uniform(-1.0, 1.0, action_dim)
 
 
-def evaluate(cfg: RunConfig, driver: Driver | None, state, index: int) -> float:
+def evaluate(
+    cfg: RunConfig, driver: Driver | None, state, index: int, *, recorder=None, step: int = 0
+) -> float:
     """Mean return of ``cfg.eval_episodes`` episodes of the deterministic policy (``driver is
-    None``: the uniform random policy), on evaluation seeds ``index, index + 1, ...``."""
+    None``: the uniform random policy), on evaluation seeds ``index, index + 1, ...``; the
+    first episode is played by ``recorder(env, policy, state, step)`` when given (a video)."""
     returns = []
     for i in range(cfg.eval_episodes):
         env = _env(cfg, _episode_seed(cfg, index + i, evaluation=True))
@@ -180,29 +140,70 @@ def evaluate(cfg: RunConfig, driver: Driver | None, state, index: int) -> float:
         else:
             policy = driver.policy(state, jax.random.key(_episode_seed(cfg, index + i, True)),
                                    explore=False)  # fmt: skip
-        returns.append(play_episode(env, policy))
+        if i == 0 and recorder is not None:
+            returns.append(recorder(env, policy, state, step))
+        else:
+            returns.append(play_episode(env, policy))
     return float(np.mean(returns))
 
 
-class _Log:
-    def __init__(self, run_dir: Path, up_to_step: int | None):
-        self.path = run_dir / "metrics.jsonl"
-        kept = []
-        if up_to_step is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                if line.strip() and json.loads(line)["step"] <= up_to_step:
-                    kept.append(line)
-        elif self.path.exists():
-            self.path.unlink()
-        self.path.write_text("".join(line + "\n" for line in kept))
-        self.records = [json.loads(line) for line in kept]
+def default_cache_dir() -> Path:
+    """Where the runner keeps JAX's compiled programs: ``$PSSM_CACHE_DIR/jax``, else
+    ``$XDG_CACHE_HOME/pssm/jax``, else ``~/.cache/pssm/jax``."""
+    if os.environ.get("PSSM_CACHE_DIR"):
+        return Path(os.environ["PSSM_CACHE_DIR"]) / "jax"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pssm" / "jax"
 
-    def write(self, record: dict) -> None:
-        record = {k: (float(v) if isinstance(v, np.floating | jax.Array) else v)
-                  for k, v in record.items()}  # fmt: skip
-        self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+
+def use_compilation_cache(path: str | os.PathLike | None = None) -> str:
+    """Turn on JAX's persistent compilation cache (for this process) unless the user has
+    chosen a directory (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``); returns the directory.
+
+    Programs that took at least 0.2 s to compile are stored, so a resumed or repeated run
+    loads them instead of compiling. Measured once (``pssm run --env-steps 9000
+    --eval-episodes 1``: the default job, SAC on a VRKN belief, to its first training calls; 2
+    CPU cores shared with other work): 98 s with an empty cache, 55 s with the 2.4 MB the first
+    run left in it.
+    """
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    path = str(path or default_cache_dir())
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    return path
+
+
+def check_run_dir(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool) -> None:
+    """Raise :class:`~rl.config.ConfigError` (field ``run_dir`` or ``resume``) unless ``cfg``
+    can start in ``run_dir`` (``resume=False``: no checkpoint there) or continue the run there
+    (``resume=True``: its ``config.json`` differs from ``cfg`` at most by a larger
+    ``env_steps``). Reads only."""
+    run_dir = Path(run_dir)
+    if not resume:
+        root = run_dir / CHECKPOINTS
+        if checkpoint.steps(root) or checkpoint.others(root):
+            raise ConfigError("run_dir", f"{run_dir} holds a run: resume it or use a new "
+                              "run directory")  # fmt: skip
+        return
+    stored = stored_config(run_dir)
+    if differences := resume_differences(stored, cfg):
+        raise ConfigError("resume", f"{run_dir / CONFIG} holds a different configuration: "
+                          + describe(differences))  # fmt: skip
+
+
+def stored_config(run_dir: str | os.PathLike) -> RunConfig:
+    """The configuration of the run in ``run_dir``; :class:`~rl.config.ConfigError` (field
+    ``run_dir``) when there is none or it does not parse."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        what = "does not exist" if not Path(run_dir).exists() else f"holds no {CONFIG}"
+        raise ConfigError("run_dir", f"{run_dir} {what}: there is no run to resume")
+    try:
+        return RunConfig.from_json(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ConfigError("run_dir", f"{path} is unreadable ({e})") from None
 
 
 def run(
@@ -212,33 +213,41 @@ def run(
     resume: bool = False,
     progress: bool = True,
     stop_after_episodes: int | None = None,
+    video: bool = True,
+    tensorboard: bool = True,
+    compilation_cache: bool = True,
 ) -> dict:
     """Run ``cfg`` in ``run_dir`` (module docstring); returns the summary.
 
     Args:
         cfg: the configuration.
         run_dir: the run's directory (created).
-        resume: continue from the latest checkpoint in ``run_dir`` (its config must equal
-            ``cfg``); without a checkpoint the run starts afresh.
+        resume: continue from the newest intact checkpoint in ``run_dir`` (its config must
+            equal ``cfg`` but for a larger ``env_steps``, which extends the run); damaged newer
+            checkpoints are skipped with a logged reason; without any checkpoint the run starts
+            from step 0.
         progress: show a progress bar with the latest returns.
         stop_after_episodes: stop (after checkpointing) once this many episodes are done in
             total: an interruption on purpose, for tests and for running in slices.
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_root = run_dir / "checkpoints"
-    cfg_path = run_dir / "config.json"
-    if resume and cfg_path.exists():
-        stored = RunConfig.from_json(json.loads(cfg_path.read_text()))
-        if stored != cfg:
-            raise ValueError(f"resume: {cfg_path} holds a different configuration: {stored}")
-    elif checkpoint.latest(ckpt_root) is not None:
-        raise FileExistsError(f"{run_dir} holds a run; pass resume=True or use a new run_dir")
-    cfg_path.write_text(json.dumps(cfg.to_json(), indent=1))
+        video: write a video of the first episode of every evaluation (:mod:`rl.video`).
+        tensorboard: write TensorBoard event files of every metric (:mod:`rl.run_log`).
+        compilation_cache: turn on JAX's persistent compilation cache
+            (:func:`use_compilation_cache`).
 
+    Nothing is written to ``run_dir`` before the configuration, the run directory and (when
+    resuming) a checkpoint have passed their checks.
+
+    Raises:
+        ConfigError: ``cfg`` is invalid, or does not fit ``run_dir`` (:func:`check_run_dir`).
+        CheckpointError: resuming, the run has checkpoints but none is intact.
+    """
+    check(cfg)
+    run_dir = Path(run_dir)
+    check_run_dir(cfg, run_dir, resume)
+    if compilation_cache:
+        use_compilation_cache()
+    ckpt_root = run_dir / CHECKPOINTS
     probe = _env(cfg, _episode_seed(cfg, 0))
-    repeat = probe.unwrapped.action_repeat
-    total_steps = math.ceil(cfg.env_steps / repeat)
     driver = _driver(cfg, probe)
     key = jax.random.key(cfg.seed)
     act_key, train_key, init_key = jax.random.split(key, 3)
@@ -248,24 +257,54 @@ def run(
         "steps": 0, "episodes": 0, "train_calls": 0, "next_eval": cfg.eval_every,
         "next_checkpoint": cfg.checkpoint_every, "evals": [], "random_return": None,
     }  # fmt: skip
-    path = checkpoint.latest(ckpt_root) if resume else None
-    if path is not None:
+
+    def load(path):
         trees, stored = checkpoint.restore(path, {"state": state})
-        state = trees["state"]
-        replay = Replay.load(path / "replay.npz")
-        meta = {k: stored[k] for k in meta}
-    log = _Log(run_dir, meta["steps"] if path is not None else None)
+        try:
+            loaded = Replay.load(path / REPLAY)
+        except Exception as e:  # verified yet unreadable: not a replay this code wrote
+            raise CheckpointError(f"{path / REPLAY} is unreadable ({e})") from None
+        return trees["state"], loaded, {k: stored[k] for k in meta}
+
+    found = checkpoint.restore_newest(ckpt_root, load) if resume else None
+    if found is not None:
+        _, (state, replay, meta) = found
+    elif resume:
+        log.warning("%s holds no checkpoint: the run starts from step 0", run_dir)
+    # everything is checked: from here on the run directory is written
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_temporary(ckpt_root)
+    (run_dir / CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
+    repeat = probe.unwrapped.action_repeat
+    runlog = RunLog(run_dir, repeat, meta["steps"] if found else None, tensorboard)
+    try:
+        return _loop(cfg, run_dir, probe, driver, state, replay, meta, runlog,
+                     keys=(act_key, train_key), progress=progress, video=video,
+                     stop_after_episodes=stop_after_episodes)  # fmt: skip
+    finally:
+        runlog.close()
+        checkpoint.remove_temporary(ckpt_root)
+
+
+def _loop(cfg, run_dir, probe, driver, state, replay, meta, runlog, *, keys, progress, video,
+          stop_after_episodes) -> dict:  # fmt: skip
+    """The run from ``meta``'s counters on (module docstring); returns the summary."""
+    act_key, train_key = keys
+    repeat = probe.unwrapped.action_repeat
+    total_steps = math.ceil(cfg.env_steps / repeat)
     if meta["random_return"] is None:
         meta["random_return"] = evaluate(cfg, None, None, 0)
-        log.write({"step": 0, "kind": "random", "eval_return": meta["random_return"]})
+        runlog.write({"step": 0, "kind": "random", "eval_return": meta["random_return"]})
+    recorder = _Recorder(cfg, probe, run_dir, runlog) if video else None
 
     bar = tqdm(total=total_steps, initial=meta["steps"], disable=not progress, unit="step",
                desc=f"{cfg.agent}/{cfg.task}")  # fmt: skip
     start = time.time()
 
     def save():
-        files = {"replay.npz": replay.save}  # inside the checkpoint before it is complete
-        checkpoint.save(ckpt_root, meta["steps"], {"state": state}, meta, files=files)
+        files = {REPLAY: replay.save}  # inside the checkpoint before it is complete
+        checkpoint.save(run_dir / CHECKPOINTS, meta["steps"], {"state": state}, meta, files=files)
+        runlog.flush()
 
     while meta["steps"] < total_steps:
         episode = meta["episodes"]
@@ -297,22 +336,23 @@ def run(
                 state, metrics = driver.train(state, k, replay, cfg.updates)
                 meta["train_calls"] += 1
                 explore_policy.update_state(state)
-                log.write({"step": step, "kind": "train", **metrics})
+                runlog.write({"step": step, "kind": "train", **metrics})
 
         ret = play_episode(env, policy, replay=replay, on_step=on_step)
         meta["steps"] += env.unwrapped.last_episode.length
         meta["episodes"] += 1
-        log.write({"step": meta["steps"], "kind": "episode", "episode": episode,
-                   "return": ret, "env_steps": meta["steps"] * repeat,
-                   "seconds": time.time() - start})  # fmt: skip
+        runlog.write({"step": meta["steps"], "kind": "episode", "episode": episode,
+                      "return": ret, "env_steps": meta["steps"] * repeat,
+                      "seconds": time.time() - start})  # fmt: skip
         bar.set_postfix(ret=f"{ret:.0f}", eval=_last_eval(meta))
         done = meta["steps"] >= total_steps
         if meta["steps"] >= meta["next_eval"] or done:
-            value = evaluate(cfg, driver, state, 1000 * (len(meta["evals"]) + 1))
+            index = 1000 * (len(meta["evals"]) + 1)
+            value = evaluate(cfg, driver, state, index, recorder=recorder, step=meta["steps"])
             meta["evals"].append([meta["steps"], value])
             meta["next_eval"] = meta["steps"] + cfg.eval_every
-            log.write({"step": meta["steps"], "kind": "eval", "eval_return": value,
-                       "env_steps": meta["steps"] * repeat})  # fmt: skip
+            runlog.write({"step": meta["steps"], "kind": "eval", "eval_return": value,
+                          "env_steps": meta["steps"] * repeat})  # fmt: skip
             bar.set_postfix(ret=f"{ret:.0f}", eval=_last_eval(meta))
         stop = stop_after_episodes is not None and meta["episodes"] >= stop_after_episodes
         if meta["steps"] >= meta["next_checkpoint"] or done or stop:
@@ -330,10 +370,35 @@ def run(
         "evals": meta["evals"], "finished": meta["steps"] >= total_steps,
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    plot_returns(log.records, run_dir / "returns.png", repeat)
+    plot_returns(runlog.records, run_dir / "returns.png", repeat)
     if summary["finished"]:
         driver.report(state, replay, run_dir)
     return summary
+
+
+class _Recorder:
+    """Plays an evaluation episode into ``run_dir/videos/eval-<env steps>.gif``; the first
+    reason for not writing one is logged once (:mod:`rl.video`)."""
+
+    def __init__(self, cfg: RunConfig, env, run_dir: Path, runlog: RunLog):
+        self.cfg, self.env, self.run_dir, self.runlog = cfg, env, run_dir, runlog
+        self.noted = any(r.get("kind") == "note" for r in runlog.records)
+        self._panels = None
+
+    def __call__(self, env, policy, state, step: int) -> float:
+        if self._panels is None:  # the world model's decoder, built at the first evaluation
+            self._panels = (video.model_panels(self.cfg, self.env),)
+        ret, frames, note = video.record_episode(env, policy, play_episode, state=state,
+                                                 panels=self._panels[0])  # fmt: skip
+        repeat = env.unwrapped.action_repeat
+        if frames is not None:
+            path = self.run_dir / VIDEOS / f"eval-{step * repeat:09d}.gif"
+            video.write_video(path, frames, env.unwrapped.control_timestep)
+        elif not self.noted:
+            log.warning("%s", note)
+            self.runlog.write({"step": step, "kind": "note", "note": note})
+            self.noted = True
+        return ret
 
 
 def _last_eval(meta) -> str:

@@ -6,12 +6,19 @@ import jax
 import numpy as np
 import pytest
 
-from rl import checkpoint
+from rl import checkpoint, runner
 from rl.replay import Replay
-from rl.runner import RunConfig, run
+from rl.runner import ConfigError, RunConfig
 
 TINY = (("hidden", 32), ("batch_size", 32), ("model_batch", 4), ("seq_len", 8), ("stoch", 4),
         ("deter", 8), ("model_hidden", 16))  # fmt: skip
+
+
+def run(*args, video=False, **kw):
+    """The runner without JAX's persistent compilation cache (a process-wide setting that
+    would reach every later test of this worker) and, unless asked for, without videos (both
+    are tested in tests/test_runner_files.py and below)."""
+    return runner.run(*args, compilation_cache=False, video=video, **kw)
 
 
 def _cfg(agent, **kw):
@@ -109,7 +116,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, case):
 def test_pixel_variants_train_and_report(tmp_path, case):
     cfg = _cfg(**{**case, "env_steps": 1000, "train_every": 25, "updates": 2,
                   "eval_every": 10**9})  # fmt: skip
-    summary = run(cfg, tmp_path, progress=False)
+    video = cfg.variant == "fusion"  # a video with the model's reconstruction and prediction
+    summary = run(cfg, tmp_path, progress=False, video=video)
     assert summary["finished"] and np.isfinite(summary["final_eval_return"])
     train = [r for r in _records(tmp_path) if r["kind"] == "train"]
     assert len(train) == 2 and all(np.isfinite(r["model_loss"]) for r in train)
@@ -124,14 +132,21 @@ def test_pixel_variants_train_and_report(tmp_path, case):
     report = json.loads((tmp_path / "model_report.json").read_text())
     assert np.isfinite(report["open_loop_mse_per_step"]).all()
     assert (tmp_path / "model_predictions.png").stat().st_size > 0
+    if video:  # observation | reconstruction | open-loop prediction (grey before it starts)
+        import imageio.v3 as iio
+
+        frames = iio.imread(tmp_path / "videos" / "eval-000001000.gif")
+        assert frames.shape[1:] == (48, 3 * 48, 3) and len(frames) > 60
+        assert np.abs(frames[0, :, 96:].astype(int) - 128).max() <= 8  # (GIF palette)
+        assert frames[-1, :, 96:].std() > 0
 
 
 def test_runs_refuse_to_overwrite_or_resume_another_configuration(tmp_path):
     cfg = _cfg("random", env_steps=1000, eval_episodes=1)
     run(cfg, tmp_path, progress=False, stop_after_episodes=1)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ConfigError, match="holds a run"):
         run(cfg, tmp_path, progress=False)  # never overwrite a run by accident
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ConfigError, match=r"different configuration: seed \(stored 0, given 1\)"):
         run(_cfg("random", seed=1), tmp_path, progress=False, resume=True)
     with pytest.raises(ValueError, match="unknown override 'hiden'"):
         run(_cfg("sac", overrides=(("hiden", 3),)), tmp_path / "typo", progress=False)
@@ -184,7 +199,8 @@ def test_cli_runs_and_reports_against_random(tmp_path, capsys):
     from rl.cli import main
 
     main(["run", "--agent", "random", "--env-steps", "1000", "--eval-episodes", "1",
-          "--variant", "none", "--run-dir", str(tmp_path), "--no-progress"])  # fmt: skip
+          "--variant", "none", "--run-dir", str(tmp_path), "--no-progress",
+          "--no-compilation-cache"])  # fmt: skip
     out = capsys.readouterr().out
     assert "vs random policy" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -201,7 +217,8 @@ def test_sigkilled_run_resumes_to_the_same_steps_with_no_replay_lost(tmp_path):
     import time
 
     args = ["--agent", "random", "--variant", "none", "--env-steps", "4000", "--eval-episodes",
-            "1", "--eval-every", "100000", "--checkpoint-every", "1", "--no-progress"]  # fmt: skip
+            "1", "--eval-every", "100000", "--checkpoint-every", "1", "--no-progress",
+            "--no-compilation-cache"]  # fmt: skip
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "rl", *args, "--run-dir", str(killed)])
     deadline = time.time() + 300
