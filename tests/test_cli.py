@@ -90,6 +90,18 @@ def test_resume_names_differences_refuses_damage_and_extends_a_finished_run(tmp_
     err = capsys.readouterr().err
     assert "meta.json is unreadable" in err and "Traceback" not in err
     assert _snapshot(broken) == before_broken
+    # checkpoints of an older layout (ckpt-<step>/ and LATEST) are not taken for an empty run
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    for _, path in checkpoint.steps(old / "checkpoints"):
+        path.rename(path.with_name(f"ckpt-{int(path.name):010d}"))
+    (old / "checkpoints" / "LATEST").write_text("ckpt-0000000125")
+    before_old = _snapshot(old)
+    assert "--run-dir" in _usage_error(capsys, [*ARGS, "--run-dir", str(old)])
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--run-dir", str(old), "--resume"])
+    assert info.value.code == 1 and "LATEST, ckpt-0000000125" in capsys.readouterr().err
+    assert _snapshot(old) == before_old
     # raising --env-steps extends the finished run: flags left out keep the stored values
     main(["run", "--run-dir", str(run_dir), "--resume", "--env-steps", "2000"])
     stored = json.loads((run_dir / "config.json").read_text())

@@ -41,6 +41,7 @@ def _truncate(path):
     path.write_bytes(data[: len(data) // 3])
 
 
+#: (there is no LATEST marker to lose: resuming tries the checkpoint directories newest first)
 FAULTS = {
     "trees truncated": lambda d: _truncate(d / "250" / "trees.npz"),
     "replay truncated": lambda d: _truncate(d / "250" / "replay.npz"),
