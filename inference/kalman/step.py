@@ -16,7 +16,7 @@ elementwise, any leading batch axes), a ``(d, d)`` matrix is *dense* (one belief
         P+ = P / (1 + P J),       m+ = (m + P h) / (1 + P J)
 
     update, dense (``w = H z + N(0, R)``, covariance form, one Cholesky factor of S):
-        S = H P H^T + R = L L^T,   [U | v] = L^{-1} [H P | w - H m],
+        S = H P H^T + R = L L^T,   U = L^{-1} H P,   v = L^{-1} (w - H m),
         m+ = m + U^T v,            P+ = P - U^T U,
         log p(w) = -1/2 (v^T v + 2 sum_i log L_ii + p log 2 pi).
 
@@ -88,9 +88,10 @@ def update_dense(
     HP = H @ P
     S = HP @ H.T + R
     L = jnp.linalg.cholesky(0.5 * (S + S.T))
-    rhs = jnp.concatenate([HP, (w - H @ m)[:, None]], axis=1)
-    Uv = solve_triangular(L, rhs, lower=True)
-    U, v = Uv[:, :-1], Uv[:, -1]
+    # two solves, not one with [HP | r]: the covariances do not depend on the data, so under
+    # ``vmap`` over sequences that share parameters this one stays unbatched (a 10x difference)
+    U = solve_triangular(L, HP, lower=True)
+    v = solve_triangular(L, w - H @ m, lower=True)
     cov = P - U.T @ U
     ll = -0.5 * (v @ v + 2.0 * jnp.sum(jnp.log(jnp.diagonal(L))) + num_observed * _LOG_2PI)
     return Gaussian(m + U.T @ v, 0.5 * (cov + cov.T)), ll
