@@ -8,6 +8,7 @@ sampled at two sites with stable names that every guide targets:
 
     "z_0": z_0, shape (B, d)                   inside the plate "batch"
     "z":   z_{1:T-1}, shape (T-1, B, d)         one site per step inside a NumPyro ``scan``
+                                                (absent when T = 1: a path of z_0 alone)
 
 Models that admit closed-form inference of ``z`` carry a ``structure`` function (attached with
 :func:`linear_gaussian`) returning the latent linear-Gaussian SSM of a batch as a
@@ -24,9 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from jax.experimental import checkify
 from numpyro.contrib.control_flow import scan
 
 from inference import kalman
+from inference.kalman._validate import check_mask
 
 
 class Structure(NamedTuple):
@@ -87,11 +90,20 @@ def sample_latent_path(
 
     Returns:
         The path ``(B, T, d)``. Call it outside any plate: it opens ``numpyro.plate("batch", B)``
-        around each site itself (NumPyro's ``scan`` cannot run under a plate).
+        around each site itself (NumPyro's ``scan`` cannot run under a plate). With ``T = 1``
+        (empty conditionals) the path is ``z_0 ~ initial`` alone and there is no site ``"z"``
+        (no transition).
     """
     to_time = lambda x: jnp.moveaxis(x, 1, 0)
     A, b, Q = (to_time(x) for x in conditionals)
     n = initial.mean.shape[0]
+    if A.shape[0] == 0:
+        # T = 1: z_0 alone; in either direction ``initial`` is its distribution. No site "z":
+        # NumPyro's ``scan`` cannot replay a length-0 site, and its log-densities and KLs fail
+        # on empty batches, so there is nothing to score rather than an empty site.
+        with numpyro.plate("batch", n):
+            z0 = numpyro.sample("z_0", gaussian(*initial))
+        return z0[:, None]
 
     def step(z_prev, params):
         A_t, b_t, Q_t = params
@@ -133,8 +145,10 @@ def model_prior_conditionals(structure: Structure) -> tuple[kalman.Gaussian, kal
 def check_inputs(obs, actions=None, mask=None, *, obs_dim=None, action_dim=None) -> None:
     """Clear errors for bad data, before any training step.
 
-    Shapes always; NaN in observations not marked missing by ``mask`` when the data are
-    concrete (outside ``jit``).
+    Shapes always; values (NaN/inf in observations not marked missing by ``mask`` or in
+    actions, a mask that is not boolean or 0/1) when the data are concrete (outside ``jit``).
+    Under a trace the value checks are staged for :func:`inference.kalman.checked`, which runs
+    them inside the compiled function; without it they cost nothing.
     """
     obs_shape = jnp.shape(obs)
     if len(obs_shape) < 3:
@@ -155,24 +169,34 @@ def check_inputs(obs, actions=None, mask=None, *, obs_dim=None, action_dim=None)
         m_shape = jnp.shape(mask)
         if m_shape[:2] != (B, T) or len(m_shape) > 3:
             raise ValueError(f"mask has shape {m_shape}, expected ({B}, {T}) or ({B}, {T}, K)")
-    # a traced mask (inside Predictive or jit) cannot be read: skip rather than misreport
+        check_mask("mask", mask)
+    # Values: read when concrete; a traced obs or mask (inside Predictive or jit) cannot be read,
+    # so the check is staged instead, run by inference.kalman.checked and a no-op otherwise.
     concrete = not any(isinstance(x, jax.core.Tracer) for x in (obs, mask))
-    if concrete:
-        o = np.asarray(obs)
-        bad = ~np.isfinite(o)
-        if mask is not None:
-            m = np.asarray(mask).astype(bool)
-            if m.ndim == 3:  # per sensor: a step counts as observed if any sensor is
-                m = m.any(-1)
-            bad &= np.broadcast_to(m.reshape(m.shape + (1,) * (o.ndim - 2)), o.shape)
-        if bad.any():
-            b, t = np.argwhere(bad)[0][:2]
-            raise ValueError(
-                f"obs contains NaN/inf at sequence {b}, step {t} where the mask "
-                "does not mark it missing"
+    xp = np if concrete else jnp
+    o = xp.asarray(obs)
+    bad = ~xp.isfinite(o)
+    if mask is not None:
+        m = xp.asarray(mask).astype(bool)
+        if m.ndim == 3:  # per sensor: a step counts as observed if any sensor is
+            m = m.any(-1)
+        bad &= xp.broadcast_to(m.reshape(m.shape + (1,) * (o.ndim - 2)), o.shape)
+    if not concrete:
+        checkify.debug_check(
+            ~jnp.any(bad), "obs contains NaN/inf where the mask does not mark it missing"
+        )
+    elif bad.any():
+        b, t = np.argwhere(bad)[0][:2]
+        raise ValueError(
+            f"obs contains NaN/inf at sequence {b}, step {t} where the mask "
+            "does not mark it missing"
+        )
+    if actions is not None:
+        if isinstance(actions, jax.core.Tracer):
+            checkify.debug_check(
+                jnp.all(jnp.isfinite(actions)), "actions contain NaN or infinite values"
             )
-    if actions is not None and not isinstance(actions, jax.core.Tracer):
-        if not np.all(np.isfinite(np.asarray(actions))):
+        elif not np.all(np.isfinite(np.asarray(actions))):
             raise ValueError("actions contain NaN or infinite values")
 
 

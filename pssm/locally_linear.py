@@ -47,6 +47,7 @@ from . import nets
 from .core import (
     Structure,
     check_inputs,
+    check_mask,
     linear_gaussian,
     model_prior_conditionals,
     sample_latent_path,
@@ -137,6 +138,7 @@ def prepare_inputs(obs_dims, action_dim: int, obs, actions=None, mask=None) -> I
         m_shape = jnp.shape(mask)
         if m_shape not in ((B, T), (B, T, K)):
             raise ValueError(f"mask has shape {m_shape}, expected ({B}, {T}) or ({B}, {T}, {K})")
+        check_mask("mask", mask)  # before it becomes boolean: 0.5 or -1 would read as observed
         mask = xp.asarray(mask).astype(bool)
         mask = xp.broadcast_to(mask[..., None], (B, T, K)) if mask.ndim == 2 else mask
     clean = {}

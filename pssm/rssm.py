@@ -271,7 +271,10 @@ def rssm(
                 )
             return (h, z), (h, z)
 
-        _, (hs, zs) = scan(transition, (h0, z0), (a_prev, noise))
+        if T > 1:  # T = 1: z_0 alone, no site "z" (as pssm.core.sample_latent_path)
+            _, (hs, zs) = scan(transition, (h0, z0), (a_prev, noise))
+        else:  # NumPyro's scan cannot replay a length-0 site
+            hs, zs = jnp.zeros((0, B, deter), h0.dtype), jnp.zeros((0, B, stoch), z0.dtype)
         h = jnp.concatenate([h0[:, None], jnp.moveaxis(hs, 0, 1)], axis=1)
         z = jnp.concatenate([z0[:, None], jnp.moveaxis(zs, 0, 1)], axis=1)
         numpyro.deterministic("h", h)

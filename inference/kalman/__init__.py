@@ -19,6 +19,7 @@ Example::
 """
 
 from . import _lapack_guard  # noqa: F401  (before anything compiles: see its docstring)
+from ._checked import checked
 from ._types import (
     Dynamics,
     Emissions,
@@ -42,6 +43,7 @@ __all__ = [
     "SmootherResult",
     "backward_conditionals",
     "chain_log_prob",
+    "checked",
     "expected_kl",
     "ffbs",
     "filter",

@@ -1,8 +1,22 @@
 """Shape checks, value checks and normalisation of the user's model into the kernels' form.
 
 Shapes are checked always (at trace time under ``jit``); values (finite parameters, positive
-variances, finite unmasked observations) are checked whenever the arrays are concrete, i.e.
-outside ``jit``. Every error is a ``ValueError`` naming the offending argument.
+variances, finite unmasked observations, masks that are boolean or 0/1) are checked whenever
+the arrays are concrete, i.e. outside ``jit``. Every error is a ``ValueError`` naming the
+offending argument.
+
+Under ``jit`` / ``vmap`` / ``grad`` the values are unknown when the checks run, so by default
+they are skipped: a zero variance then gives NaN or a finite, wrong log-likelihood. The same
+checks are staged into the traced program as ``checkify.debug_check`` s, which cost nothing
+(they are dropped when it is compiled) unless the program is run through
+:func:`inference.kalman.checked`, which runs them inside the compiled code and raises the first
+failure as a ``ValueError`` (checkify's ``JaxRuntimeError``) when it returns::
+
+    @jax.jit
+    def loglik(w, R):
+        return kalman.filter(prior, dynamics, kalman.Emissions(w, R)).log_likelihood
+
+    kalman.checked(loglik)(w, R)  # ValueError "R must be positive ..." for a zero variance
 """
 
 from typing import NamedTuple
@@ -11,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
+from jax.experimental import checkify
 
 from ._algebra import Algebra, algebra_for
 from ._types import Dynamics, Emissions, Gaussian
@@ -49,15 +64,42 @@ def _time_varying(name: str, x: Array, static_shape: tuple, n: int) -> Array:
     raise _shape_error(name, x.shape, f"{static_shape} (static) or {(n, *static_shape)}")
 
 
+def _staged_check(ok: Array, message: str) -> None:
+    """Stage ``all(ok)`` for a traced ``ok``: run by :func:`inference.kalman.checked` (through
+    ``checkify``), a no-op otherwise (the check and what only it uses are dropped when
+    compiled). ``message`` must not contain braces (it is a format string)."""
+    checkify.debug_check(jnp.all(ok), message)
+
+
 def _check_finite(name: str, x: Array) -> None:
-    if _concrete(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
-        raise ValueError(f"{name} contains NaN or infinite values")
+    message = f"{name} contains NaN or infinite values"
+    if not _concrete(x):
+        _staged_check(jnp.isfinite(x), message)
+    elif not bool(np.all(np.isfinite(np.asarray(x)))):
+        raise ValueError(message)
+
+
+def _staged_variance_checks(name: str, x: Array, diagonal: bool) -> None:
+    """The traced counterpart of :func:`_check_variance` (positive definite by Cholesky)."""
+    if diagonal:
+        _staged_check(x > 0, f"{name} must be positive")
+        return
+    xT = jnp.swapaxes(x, -1, -2)
+    scale = jnp.maximum(1.0, jnp.max(jnp.abs(x)))
+    _staged_check(jnp.abs(x - xT) <= 1e-5 * jnp.abs(xT) + 1e-8 * scale, f"{name} must be symmetric")
+    chol = jnp.linalg.cholesky(0.5 * (x + xT))
+    _staged_check(
+        jnp.diagonal(chol, axis1=-2, axis2=-1) > 0, f"{name} must be positive definite"
+    )  # a non-PD matrix gives NaN (False here), a singular PSD one a zero
 
 
 def _check_variance(name: str, x: Array, diagonal: bool) -> None:
     """Variances must be positive (diagonal) or symmetric positive definite (dense)."""
     _check_finite(name, x)
-    if not _concrete(x) or np.size(x) == 0:
+    if np.size(x) == 0:
+        return
+    if not _concrete(x):
+        _staged_variance_checks(name, x, diagonal)
         return
     v = np.asarray(x, dtype=np.float64)
     if diagonal:
@@ -70,12 +112,32 @@ def _check_variance(name: str, x: Array, diagonal: bool) -> None:
         raise ValueError(f"{name} must be positive definite")
 
 
+def check_mask(name: str, mask: Array) -> None:
+    """A mask must be boolean or hold only 0 and 1: the kernels scale each observation's
+    precision by its mask, so 0.5 or 2 would silently reweight the data and -1 give NaN."""
+    if jnp.issubdtype(jnp.result_type(mask), jnp.bool_):
+        return
+    message = f"{name} must be boolean or 0/1"
+    if not _concrete(mask):
+        _staged_check((mask == 0) | (mask == 1), message)
+        return
+    m = np.asarray(mask)
+    bad = (m != 0) & (m != 1)
+    if bad.any():
+        raise ValueError(
+            f"{message}, got {m[bad].flat[0].item()!r} at index {np.argwhere(bad)[0].tolist()}"
+        )
+
+
 def _mask(mask: Array | None, w: Array, dtype) -> Array:
     if mask is None:
         return jnp.ones(w.shape, dtype)
+    if not isinstance(mask, jax.core.Tracer):
+        mask = np.asarray(mask)  # read once (a device array would be copied per check)
+    if np.shape(mask) != w.shape[: np.ndim(mask)] or np.ndim(mask) == 0:
+        raise _shape_error("mask", np.shape(mask), f"a prefix of w's shape {w.shape}")
+    check_mask("mask", mask)
     mask = jnp.asarray(mask)
-    if mask.shape != w.shape[: mask.ndim] or mask.ndim == 0:
-        raise _shape_error("mask", mask.shape, f"a prefix of w's shape {w.shape}")
     mask = mask.astype(dtype).reshape(mask.shape + (1,) * (w.ndim - mask.ndim))
     return jnp.broadcast_to(mask, w.shape)
 
@@ -126,9 +188,8 @@ def canonicalize(
         R = _time_varying("R", R, w.shape[1:], T)
         obs = mask > 0
         R = jnp.where(obs, R, 1.0)
-        if _concrete(R, w, mask):
-            _check_variance("R", R, True)
-            _check_finite("w (where observed)", jnp.where(obs, w, 0.0))
+        _check_variance("R", R, True)
+        _check_finite("w (where observed)", jnp.where(obs, w, 0.0))
         w = jnp.where(obs, w, 0.0)
         Hc = None
     else:
@@ -141,10 +202,9 @@ def canonicalize(
             H = jnp.eye(d, dtype=dtype)
         Hc = _time_varying("H", H.astype(dtype), (p, d), T)
         R = _time_varying("R", R, (p, p), T)
-        if _concrete(R, w, mask):
-            _check_finite("H", Hc)
-            _check_variance("R", R, False)
-            _check_finite("w (where observed)", jnp.where(mask > 0, w, 0.0))
+        _check_finite("H", Hc)
+        _check_variance("R", R, False)
+        _check_finite("w (where observed)", jnp.where(mask > 0, w, 0.0))
         obs = mask > 0
         pair = obs[:, :, None] & obs[:, None, :]
         R = jnp.where(pair, R, 0.0) + jnp.where(obs, 0.0, 1.0)[..., None] * jnp.eye(p, dtype=dtype)
@@ -182,9 +242,11 @@ def stack_sensors(sensors: list[Emissions]) -> Emissions:
         d = H.shape[-1]
         Hs.append(_time_varying(f"sensors[{k}].H", H, (p, d), T))
         Rs.append(_time_varying(f"sensors[{k}].R", R, (p, p), T))
-        m = jnp.ones((T,)) if s.mask is None else jnp.asarray(s.mask)
-        if m.shape != (T,):
-            raise _shape_error(f"sensors[{k}].mask", m.shape, f"({T},)")
+        m = jnp.ones((T,)) if s.mask is None else s.mask
+        if jnp.shape(m) != (T,):
+            raise _shape_error(f"sensors[{k}].mask", jnp.shape(m), f"({T},)")
+        check_mask(f"sensors[{k}].mask", m)
+        m = jnp.asarray(m)
         masks.append(jnp.broadcast_to(m[:, None], (T, p)))
         ws.append(w)
     R = jax.vmap(jax.scipy.linalg.block_diag)(*Rs)
