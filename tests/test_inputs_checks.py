@@ -228,7 +228,12 @@ def test_masks_of_0_1_floats_or_integers_are_the_boolean_mask():
     w = jnp.asarray(rng.normal(size=(5, 3)))
     flags = np.array([True, False, True, True, False])
     reference = kalman.filter(*dense_model(w, mask=flags)).log_likelihood
-    for mask in (flags.astype(float), flags.astype(np.int32), jnp.asarray(flags, jnp.float32)):
+    for mask in (
+        flags.astype(float),
+        flags.astype(np.int32),
+        jnp.asarray(flags, jnp.float32),
+        [1, 0, 1, 1, 0],
+    ):
         np.testing.assert_array_equal(
             kalman.filter(*dense_model(w, mask=mask)).log_likelihood, reference
         )

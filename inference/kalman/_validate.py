@@ -115,13 +115,14 @@ def _check_variance(name: str, x: Array, diagonal: bool) -> None:
 def check_mask(name: str, mask: Array) -> None:
     """A mask must be boolean or hold only 0 and 1: the kernels scale each observation's
     precision by its mask, so 0.5 or 2 would silently reweight the data and -1 give NaN."""
-    if jnp.issubdtype(jnp.result_type(mask), jnp.bool_):
-        return
     message = f"{name} must be boolean or 0/1"
     if not _concrete(mask):
-        _staged_check((mask == 0) | (mask == 1), message)
+        if not jnp.issubdtype(mask.dtype, jnp.bool_):
+            _staged_check((mask == 0) | (mask == 1), message)
         return
     m = np.asarray(mask)
+    if m.dtype == bool:
+        return
     bad = (m != 0) & (m != 1)
     if bad.any():
         raise ValueError(
