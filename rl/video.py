@@ -9,6 +9,8 @@ What a frame shows depends on what the run sees:
 * from pixels otherwise: the observation;
 * from states: the camera view rendered at each step, when rendering works (MuJoCo headless
   with ``MUJOCO_GL=egl``); otherwise no video, and the reason is returned for the run's log.
+  Rendering is the cost of these videos: about 50 ms a 64x64 frame with software OpenGL on
+  CPU, so 6 s for a cartpole episode of 125 agent steps (``pssm run --no-video`` skips it).
 
 Videos are GIFs (``imageio`` with Pillow: nothing else to install), played at the task's
 control rate.

@@ -200,7 +200,7 @@ def test_cli_runs_and_reports_against_random(tmp_path, capsys):
 
     main(["run", "--agent", "random", "--env-steps", "1000", "--eval-episodes", "1",
           "--variant", "none", "--run-dir", str(tmp_path), "--no-progress",
-          "--no-compilation-cache"])  # fmt: skip
+          "--no-compilation-cache", "--no-video"])  # fmt: skip
     out = capsys.readouterr().out
     assert "vs random policy" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -218,7 +218,7 @@ def test_sigkilled_run_resumes_to_the_same_steps_with_no_replay_lost(tmp_path):
 
     args = ["--agent", "random", "--variant", "none", "--env-steps", "4000", "--eval-episodes",
             "1", "--eval-every", "100000", "--checkpoint-every", "1", "--no-progress",
-            "--no-compilation-cache"]  # fmt: skip
+            "--no-compilation-cache", "--no-video"]  # fmt: skip
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "rl", *args, "--run-dir", str(killed)])
     deadline = time.time() + 300

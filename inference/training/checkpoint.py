@@ -156,7 +156,10 @@ def remove_temporary(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     removed = sorted(root.glob(_TMP_PREFIX + "*")) if root.is_dir() else []
     for p in removed:
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return removed
 
 
