@@ -15,6 +15,10 @@ Models that admit closed-form inference of ``z`` carry a ``structure`` function 
 :class:`Structure` (``inference.kalman`` containers with a leading batch axis). A guide calls
 ``model.structure(...)``; its ``numpyro.param`` / Flax-module sites have the same names as the
 model's, so model and guide share them. Nothing else of a model is visible to a guide.
+
+Models that can act carry ``model.belief_step()`` returning a :class:`BeliefStep` (declared in
+:mod:`pssm.belief`, re-exported here): the online filter agents call, built from the same step
+functions the model's program scans for its filtered beliefs.
 """
 
 from collections.abc import Callable
@@ -30,6 +34,8 @@ from numpyro.contrib.control_flow import scan
 
 from inference import kalman
 from inference.kalman._validate import check_mask
+
+from .belief import Belief, BeliefStep  # noqa: F401  (the protocols a model offers, in one place)
 
 
 class Structure(NamedTuple):
