@@ -14,7 +14,8 @@ Example::
 
 ``fit`` jit-compiles up to ``steps_per_call`` updates into one XLA loop, draws minibatches
 inside it, logs one metrics record per update (returned and appended to
-``run_dir/metrics.jsonl``), checkpoints the whole :class:`TrainState` with orbax, resumes it
+``run_dir/metrics.jsonl``), checkpoints the whole :class:`TrainState` (:mod:`.checkpoint`:
+checksummed, resumed from the newest intact one), resumes it
 exactly (``resume=True``), and shards each minibatch over all visible devices.
 """
 
