@@ -183,7 +183,10 @@ def sample_states(model, net: Callable, seen: jax.Array, actions, d: int) -> jax
         return (state, z), z
 
     xs = (jnp.moveaxis(a[:, :-1], 1, 0), jnp.moveaxis(seen[:, 1:], 1, 0), noise)
-    _, zs = scan(transition, (state, z0), xs)
+    if seen.shape[1] > 1:
+        _, zs = scan(transition, (state, z0), xs)
+    else:  # T = 1: z_0 alone, no site "z" (NumPyro's scan cannot replay a length-0 site)
+        zs = jnp.zeros((0, *z0.shape), z0.dtype)
     return jnp.concatenate([z0[:, None], jnp.moveaxis(zs, 0, 1)], axis=1)
 
 
