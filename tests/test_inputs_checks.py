@@ -346,3 +346,11 @@ def test_one_step_rssm_elbo_with_the_amortised_filtering_guides(family):
         assert np.isfinite(loss)
     tr = handlers.trace(handlers.seed(guide, key)).get_trace(obs, actions)
     assert "z" not in tr and tr["z_0"]["value"].shape == (2, 2)
+
+
+def test_the_single_kalman_step_refuses_a_mask_that_is_not_0_1():
+    belief = kalman.Gaussian(jnp.zeros(2), jnp.ones(2))
+    with pytest.raises(ValueError, match="mask must be boolean or 0/1"):
+        kalman.update(belief, jnp.ones(2), jnp.ones(2), mask=jnp.array(0.5))
+    post, _ = kalman.update(belief, jnp.ones(2), jnp.ones(2), mask=jnp.array(1.0))
+    np.testing.assert_allclose(post.mean, 0.5)  # (0 + 1 * 1) / (1 + 1)

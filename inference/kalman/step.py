@@ -31,6 +31,7 @@ from jax import Array
 from jax.scipy.linalg import solve_triangular
 
 from ._types import Dynamics, Gaussian
+from ._validate import check_mask
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -108,6 +109,8 @@ def update(
     ``(p, p)``, ``mask`` ``None``, a scalar or ``(p,)``.
     """
     dtype = jnp.result_type(belief.mean)
+    if mask is not None:
+        check_mask("mask", jnp.asarray(mask))
     if is_diagonal(belief):
         if H is not None:
             raise ValueError("H must be None for a diagonal belief (identity)")
