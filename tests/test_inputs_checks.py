@@ -354,3 +354,24 @@ def test_the_single_kalman_step_refuses_a_mask_that_is_not_0_1():
         kalman.update(belief, jnp.ones(2), jnp.ones(2), mask=jnp.array(0.5))
     post, _ = kalman.update(belief, jnp.ones(2), jnp.ones(2), mask=jnp.array(1.0))
     np.testing.assert_allclose(post.mean, 0.5)  # (0 + 1 * 1) / (1 + 1)
+
+
+def test_the_single_kalman_step_reads_every_mask_shape():
+    """Per step (B,), per sensor (B, K) and per entry (B, K, d) masks of a batched diagonal
+    update, against the update with the masked sensors left out by hand."""
+    rng = np.random.default_rng(3)
+    B, K, d = 3, 2, 4
+    belief = kalman.Gaussian(jnp.asarray(rng.normal(size=(B, d))), jnp.ones((B, d)))
+    w, R = jnp.asarray(rng.normal(size=(B, K, d))), jnp.asarray(rng.uniform(0.5, 2, (B, K, d)))
+    per_step = jnp.array([1.0, 0.0, 1.0])
+    post, _ = kalman.update(belief, w, R, per_step)
+    full, _ = kalman.update(belief, w, R)
+    np.testing.assert_allclose(post.mean[1], belief.mean[1])
+    np.testing.assert_allclose(post.mean[::2], full.mean[::2])
+    per_sensor = jnp.array([[1.0, 0.0]] * B)
+    post, ll = kalman.update(belief, w, R, per_sensor)
+    first, ll1 = kalman.update(belief, w[:, 0], R[:, 0])
+    np.testing.assert_allclose(post.mean, first.mean)
+    np.testing.assert_allclose(ll, ll1)
+    per_entry = jnp.broadcast_to(per_sensor[..., None], (B, K, d))
+    np.testing.assert_allclose(kalman.update(belief, w, R, per_entry)[0].mean, first.mean)

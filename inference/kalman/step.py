@@ -120,10 +120,9 @@ def update(
             mask = jnp.ones((), dtype)
         else:
             mask = jnp.asarray(mask, dtype)
-            if single:
-                mask = mask[..., None, None] if mask.ndim < jnp.ndim(w) - 1 else mask[..., None, :]
-            elif mask.ndim < jnp.ndim(w):
-                mask = mask[..., None]
+            if single and mask.ndim == jnp.ndim(w) - 1:  # per entry of the one sensor
+                mask = mask[..., None, :]
+            mask = mask.reshape(mask.shape + (1,) * (jnp.ndim(w) - mask.ndim))  # per step/sensor
         return update_diagonal(belief, w, R, mask)
     p = jnp.shape(w)[0]
     H = jnp.eye(p, dtype=dtype) if H is None else H
