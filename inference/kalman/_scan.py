@@ -1,4 +1,8 @@
-"""The two drivers behind every kernel: ``lax.scan`` (sequential) or ``lax.associative_scan``.
+"""The two drivers behind the associative kernels: ``lax.scan`` or ``lax.associative_scan``.
+
+They run the parallel filter, the RTS smoother's composition and the samplers; the sequential
+*filter* is the textbook recursion of :mod:`inference.kalman.step` instead (its step emits the
+predicted beliefs and log-likelihoods, which a prefix of associative elements does not).
 
 A kernel supplies per-step *elements* and an associative operator ``op(acc, elem)`` where
 ``acc`` summarises the steps already absorbed (those before ``elem`` for a forward scan, those
