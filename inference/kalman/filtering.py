@@ -23,7 +23,7 @@ are then evaluated from the predicted beliefs in one vectorised pass.
 The sequential filter (``parallel=False``) is the textbook recursion instead: one scan of
 :func:`inference.kalman.step.predict` and :func:`inference.kalman.step.update`, whose step emits
 the predicted belief, the filtered belief and the step's log-likelihood (dense structure: one
-Cholesky factorisation and one triangular solve per step). Both drivers give the same beliefs;
+Cholesky factorisation and two triangular solves per step). Both drivers give the same beliefs;
 the log-likelihoods are summed after the scan (a float32 running sum drifts by more than a nat
 over thousands of steps).
 """
@@ -76,12 +76,19 @@ def filter_combine(alg: Algebra, earlier, later):
     return A, b, C, eta, J
 
 
+def _conditioner(alg: Algebra, c: Canonical):
+    """``(observations, condition)``: the per-step observation arrays of a canonical model
+    (leading axis ``T``) and ``condition(belief, one step of them) -> (belief, log-lik)``."""
+    if alg.diagonal:
+        return (c.w, c.R, c.mask), lambda belief, o: step.update_diagonal(belief, *o)
+    observed = jnp.sum(c.mask, axis=-1)
+    return (c.w, c.H, c.R, observed), lambda belief, o: step.update_dense(belief, *o)
+
+
 def log_likelihoods(alg: Algebra, c: Canonical, predicted: Gaussian) -> Array:
     """Per-step ``log p(o_t | o_{0:t-1})`` from the predicted beliefs, shape ``(T,)``."""
-    if alg.diagonal:
-        return jax.vmap(lambda *a: step.update_diagonal(*a)[1])(predicted, c.w, c.R, c.mask)
-    n = jnp.sum(c.mask, axis=-1)
-    return jax.vmap(lambda *a: step.update_dense(*a)[1])(predicted, c.w, c.H, c.R, n)
+    obs, condition = _conditioner(alg, c)
+    return jax.vmap(lambda belief, o: condition(belief, o)[1])(predicted, obs)
 
 
 def _elements(alg: Algebra, c: Canonical):
@@ -95,12 +102,7 @@ def _elements(alg: Algebra, c: Canonical):
 
 def _sequential_filter(alg: Algebra, c: Canonical, unroll: int) -> FilterResult:
     """The textbook recursion: ``update`` the prior on ``o_0``, then ``predict``/``update``."""
-    if alg.diagonal:
-        obs = (c.w, c.R, c.mask)
-        condition = lambda belief, o: step.update_diagonal(belief, *o)  # noqa: E731
-    else:
-        obs = (c.w, c.H, c.R, jnp.sum(c.mask, axis=-1))
-        condition = lambda belief, o: step.update_dense(belief, *o)  # noqa: E731
+    obs, condition = _conditioner(alg, c)
     first, ll0 = condition(c.prior, jax.tree.map(lambda x: x[0], obs))
 
     def advance(filtered, inputs):
