@@ -37,7 +37,10 @@ def _lapack_calls(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
     return calls
 
 
-@pytest.mark.skipif(not _lapack_guard.GUARDED, reason="jaxlib >= 0.11 does not fan out LAPACK")
+@pytest.mark.skipif(
+    not _lapack_guard.GUARDED,
+    reason="guard not installed: jaxlib >= 0.11 (no LAPACK fan-out) or PSSM_LAPACK_GUARD=0",
+)
 @pytest.mark.parametrize("batch", [7, 4096, 4099])
 def test_no_lapack_call_is_fanned_out_and_results_are_exact(batch):
     d = 32
