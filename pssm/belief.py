@@ -21,6 +21,11 @@ parameters and in the belief.
 
 ``obs_t`` is ``(B, ...)`` or a dict of modalities; ``mask_t`` is ``None`` (all seen), ``(B,)``
 or ``(B, K)``; a fully masked step leaves the belief's distribution as it is.
+
+A model whose program filters a whole sequence faster than step by step (KalMamba's
+time-parallel filter) also fills ``filter``; it must return what alternating ``condition`` and
+``predict`` returns (a test of each such family checks it), and is what training-time consumers
+(agents' updates on replayed windows, reports) use.
 """
 
 from collections.abc import Callable
@@ -43,6 +48,9 @@ class BeliefStep(NamedTuple):
             for a model built without a reward head.
         decode: optional ``features (..., F) -> observation means`` (array or dict like
             ``obs``), for reconstructions and open-loop predictions.
+        filter: optional ``(obs (B, T, ...), actions (B, T, u), mask, key) -> beliefs`` with a
+            leading ``(B, T)`` on every leaf: the beliefs after observing each ``o_t``, all at
+            once (``None``: callers scan ``condition`` / ``predict``).
     """
 
     init: Callable[[int], Belief]
@@ -51,3 +59,4 @@ class BeliefStep(NamedTuple):
     features: Callable[[Belief], Array]
     reward: Callable[[Array], Array] | None = None
     decode: Callable[[Array], Any] | None = None
+    filter: Callable[[Any, Array, Any, Array], Belief] | None = None

@@ -133,6 +133,12 @@ def belief_world_model(model, objective: Objective, **step_options) -> WorldMode
     def decode(params, f):
         return step(params).decode(f)
 
+    def filter_sequence(params, key, obs, actions, mask=None):
+        return step(params).filter(obs, actions, mask, key)
+
+    with handlers.seed(rng_seed=0), handlers.trace():  # which optional parts the model fills
+        offered = model.belief_step(**step_options)
+
     return WorldModel(
         objective=objective,
         init_belief=lambda params, batch_size: step(params).init(batch_size),
@@ -142,7 +148,8 @@ def belief_world_model(model, objective: Objective, **step_options) -> WorldMode
         reward=reward,
         feature_size=int(model.feature_size),
         action_dim=int(model.action_dim),
-        decode=decode,
+        decode=None if offered.decode is None else decode,
+        filter_sequence=None if offered.filter is None else filter_sequence,
     )
 
 
