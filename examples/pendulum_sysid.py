@@ -208,7 +208,8 @@ def build_vrkn(args) -> ModelEntry:
 
 
 def build_kalmamba(args) -> ModelEntry:
-    from pssm.kalmamba import KalMambaELBO, kalmamba  # written in parallel: imported when chosen
+    from inference.objectives import KalMambaELBO
+    from pssm.kalmamba import kalmamba  # written in parallel: imported when chosen
 
     model = kalmamba(
         256, args.latent, args.action_dim, hidden=(args.hidden,), d_model=args.deter,

@@ -25,15 +25,25 @@ regulariser (App. C, Eq. 2)
 pulls it towards the filtered mean, so the dynamics are linearised around (an estimate of) the
 filtered mean, as in an extended Kalman filter, without making the filter recurrent. The
 objective (Sec. 2) is the VRKN smoothing bound (``inference.guides.kalman_smoothing`` under
-``TraceMeanField_ELBO``) plus the reward term minus ``alpha R``: :class:`KalMambaELBO`.
+``TraceMeanField_ELBO``) plus the reward term minus ``alpha R``:
+:class:`inference.objectives.KalMambaELBO` (training lives in :mod:`inference`).
 
 The small networks before and after the Mamba (``pre`` and ``dyn``, SiLU) carry Monte-Carlo
 dropout (Gal & Ghahramani 2016; :class:`pssm.layers.MCDropout`), active only when a
 ``dropout_key`` is passed to the model / structure (a model argument, so that the model and the
-Kalman guide of one ELBO evaluation see the *same* dynamics; :class:`KalMambaELBO` draws it).
+Kalman guide of one ELBO evaluation see the *same* dynamics; ``KalMambaELBO`` draws it).
 The Mamba (:mod:`pssm.mamba`) and the Kalman filter and smoother all run as associative scans,
 so the whole forward pass is time-parallel (``parallel=True``; ``False`` runs ``lax.scan`` with
 the same numbers).
+
+Acting (``model.belief_step()``, :mod:`pssm.belief`): the belief is :class:`KalMambaBelief`,
+the Gaussian over ``z_t`` plus the Mamba's recurrence around step ``t``. ``condition`` is
+:func:`inference.kalman.update` on the encoders' ``w_t, r_t`` and one backbone step on
+``[wbar_t, a_{t-1}, m_t^{1..K}]``; ``predict`` is ``dyn([m_t, a_t])`` and
+:func:`inference.kalman.predict`, then a tentative backbone step fed the predicted mean (see
+:class:`KalMambaBelief`); ``filter`` is the program's time-parallel forward pass and
+:func:`inference.kalman.filter`. Encoders, ``fuse``, :func:`backbone_inputs`, the dynamics
+network and the prior are the very functions the program's forward pass calls.
 
 Conventions of :mod:`pssm.core`: ``a_t`` drives ``z_t -> z_{t+1}``; sites ``"z_0"``, ``"z"``,
 ``"obs"`` / ``"obs_<name>"``, ``"reward"``. The paper's sizes are the defaults (latent 230,
@@ -48,14 +58,12 @@ import jax
 import jax.numpy as jnp
 import numpyro
 from flax import nnx
-from numpyro import handlers
 from numpyro.distributions import constraints
-from numpyro.infer import TraceMeanField_ELBO
-from numpyro.infer.elbo import ELBO
 
 from inference import kalman
 
 from . import nets
+from .belief import BeliefStep
 from .core import Structure, linear_gaussian, model_prior_conditionals, sample_latent_path
 from .layers import ConvDecoder, GaussianConvEncoder, MCDropout, preprocess_image
 from .locally_linear import (
@@ -70,6 +78,7 @@ from .locally_linear import (
     prepare_inputs,
 )
 from .mamba import Mamba, MambaState
+from .observations import step_observations
 from .rssm import score_rewards
 
 
@@ -158,6 +167,37 @@ class Networks(NamedTuple):
     P0: jax.Array
 
 
+class KalMambaBelief(NamedTuple):
+    """The online belief at step ``t`` (:meth:`belief_step` of :func:`kalmamba`): the Gaussian
+    ``N(mean, diag(cov))`` over ``z_t`` (filtered after ``condition``, predicted after
+    ``predict``) and the Mamba backbone's recurrence around step ``t``:
+
+        base    the Mamba state before step t's input (one :class:`pssm.mamba.MambaState` per
+                block: conv buffers and selective states)
+        action  a_{t-1}, the previous action (zero at t = 0)
+        mamba   the state after step t's input [wbar_t, a_{t-1}, mask_t];   m  its output m_t
+
+    ``condition`` recomputes ``(m, mamba)`` from ``base`` with the real input (exactly the
+    program's step ``t``); ``predict`` moves on (``base' = mamba``, ``action' = a_t``) and runs
+    a *tentative* step fed the predicted mean as the latent observation, flagged observed (the
+    paper feeds ``w_t``, which imagination does not have; the mean is the best stand-in and what
+    ``m`` is regularised towards), which a following ``condition`` replaces. Shapes: ``mean``,
+    ``cov``, ``m`` ``(B, d)``, ``action`` ``(B, u)``, states with leading ``(B,)``.
+    """
+
+    mean: jax.Array
+    cov: jax.Array
+    m: jax.Array
+    mamba: tuple[MambaState, ...]
+    base: tuple[MambaState, ...]
+    action: jax.Array
+
+
+def _shift(x: jax.Array) -> jax.Array:
+    """``x_{t-1}`` along axis 1 (zero at ``t = 0``): ``a_{t-1}``, the state before step ``t``."""
+    return jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+
+
 def backbone_inputs(wbar, a_prev, mask) -> jax.Array:
     """``[wbar_t, a_{t-1}, mask_t]`` (``a_prev`` may be ``None``: no actions)."""
     parts = [wbar] + ([] if a_prev is None else [a_prev]) + [mask.astype(wbar.dtype)]
@@ -230,8 +270,9 @@ def kalmamba(
         (:class:`Forward` of prepared inputs), ``model.regulariser`` (``R`` per sequence),
         ``model.networks()`` / ``model.reward()`` / ``model.decoders()`` (register parameters,
         return pure functions), ``model.prepare`` (checked :class:`Inputs`),
-        ``model.preprocess`` (images to floats) and the sizes ``latent_dim``, ``action_dim``,
-        ``obs_dims``, ``parallel``.
+        ``model.preprocess`` (images to floats), ``model.belief_step(act_dropout=False)`` (the
+        online filter, :class:`KalMambaBelief`) and the sizes ``latent_dim``, ``action_dim``,
+        ``obs_dims``, ``parallel``, ``feature_size``, ``observed_dim``.
     """
     dims = modalities(obs_dims)
     d, u, K = int(latent_dim), int(action_dim), len(dims)
@@ -274,27 +315,46 @@ def kalmamba(
             P0,
         )
 
-    def forward(x: Inputs, dropout_key=None, *, return_states=False) -> Forward:
-        n = networks()
-        w, R = zip(*(n.encoders[k](o) for k, o in x.obs.items()), strict=True)
-        w, R = jnp.stack(w, axis=2), jnp.stack(R, axis=2)  # (B, T, K, d)
-        B, T = w.shape[:2]
-        a_prev = None
-        if u:
-            a_prev = jnp.concatenate([jnp.zeros_like(x.actions[:, :1]), x.actions[:, :-1]], 1)
+    names = list(dims)
+
+    # The pieces of the inference side, shared by the forward pass (whole sequences, leading
+    # (B, T)) and the belief step (one step, leading (B,)).
+
+    def initial(n: Networks, batch_size: int) -> kalman.Gaussian:
+        """The prior ``N(0, diag(P_0))`` of ``z_0``, ``(B, d)``."""
+        shape = (batch_size, d)
+        return kalman.Gaussian(jnp.zeros(shape, dtype), jnp.broadcast_to(n.P0, shape))
+
+    def encode(n: Networks, obs: Mapping) -> tuple[jax.Array, jax.Array]:
+        """``w^(k), r^(k) = enc_k(o^(k))`` of every modality, stacked ``(..., K, d)``."""
+        w, R = zip(*(n.encoders[k](obs[k]) for k in names), strict=True)
+        return jnp.stack(w, axis=-2), jnp.stack(R, axis=-2)
+
+    def transition(n: Networks, m: jax.Array, action, key=None) -> kalman.Dynamics:
+        """``A_t, b_t, Q_t = dyn([m_t, a_t])`` (``[m_t]`` without actions)."""
+        x = m if not u else jnp.concatenate([m, action.astype(m.dtype)], -1)
+        return kalman.Dynamics(*n.dynamics(x, key))
+
+    def _forward(n: Networks, x: Inputs, dropout_key=None, return_states=False) -> Forward:
+        w, R = encode(n, x.obs)  # (B, T, K, d)
+        a_prev = _shift(x.actions) if u else None
         k_pre, k_dyn = _keys(dropout_key, 2)
         m, state = n.backbone(
             backbone_inputs(fuse(w, R, x.mask), a_prev, x.mask),
             key=k_pre, parallel=parallel, return_states=return_states,
         )  # fmt: skip
-        dyn_in = m[:, :-1] if not u else jnp.concatenate([m[:, :-1], x.actions[:, :-1]], -1)
-        A, b, Q = n.dynamics(dyn_in, k_dyn)
-        prior = kalman.Gaussian(jnp.zeros((B, d), dtype), jnp.broadcast_to(n.P0, (B, d)))
+        dyn = transition(n, m[:, :-1], x.actions[:, :-1] if u else None, k_dyn)
         emissions = (
             latent_emissions(w, R, x.mask) if observed < d else kalman.Emissions(w, R, x.mask)
         )
-        s = Structure(prior, kalman.Dynamics(A, b, Q), emissions)
-        return Forward(s, m, state)
+        return Forward(Structure(initial(n, w.shape[0]), dyn, emissions), m, state)
+
+    def forward(x: Inputs, dropout_key=None, *, return_states=False) -> Forward:
+        return _forward(networks(), x, dropout_key, return_states)
+
+    def filtered(s: Structure) -> kalman.Gaussian:
+        """The filtered beliefs ``q(z_t | o_{<=t}, a_{<t})`` ``(B, T, d)`` of a structure."""
+        return jax.vmap(partial(kalman.filter, parallel=parallel))(*s).filtered
 
     def preprocess(obs):
         """Integer images -> floats in ``[-0.5, 0.5]``; everything else unchanged."""
@@ -319,7 +379,7 @@ def kalmamba(
         """``R`` per sequence ``(B,)`` (Eq. 2) of one forward pass; ``detach`` stops its
         gradient into the filtered moments (only ``m`` is pulled)."""
         f = forward(prepare(obs, actions, mask), dropout_key)
-        filt = jax.vmap(partial(kalman.filter, parallel=parallel))(*f.structure).filtered
+        filt = filtered(f.structure)
         if detach:
             filt = jax.lax.stop_gradient(filt)
         return mahalanobis(f.m, filt)
@@ -355,66 +415,84 @@ def kalmamba(
         """Register the decoders; returns ``{modality: z (..., d) -> mean}``."""
         return {k: nets.register(f"{name}_decoder_{k}", dec) for k, dec in decoders.items()}
 
+    visible = jnp.arange(d) < observed  # the latent coordinates an encoder emits
+
+    def belief_step(act_dropout: bool = False) -> BeliefStep:
+        """The online filter (:mod:`pssm.belief`) over :class:`KalMambaBelief`, from the
+        program's own pieces (encoders, ``fuse``, :func:`backbone_inputs`, dynamics, prior):
+
+            condition(o_t)  N(mean, cov) <- kalman.update with w_t^(k), r_t^(k) = enc_k(o_t^(k))
+                            (information form, masked sensors skipped); (m_t, mamba) = one
+                            backbone step from ``base`` on [wbar_t, a_{t-1}, mask_t]
+            predict(a_t)    A_t, b_t, Q_t = dyn([m_t, a_t]); N(mean, cov) <- kalman.predict
+                            (no sampling); one backbone step from ``mamba`` on
+                            [mean_{t+1}, a_t, 1] (the tentative step of :class:`KalMambaBelief`)
+            filter          the time-parallel forward pass and kalman.filter at once
+            features        the belief mean (the paper's SAC input, Sec. 3)
+
+        so alternating ``condition`` / ``predict`` over a sequence gives ``filter``'s beliefs (a
+        fully masked step keeps the Gaussian but still advances the Mamba with ``wbar = 0`` and
+        zero mask flags, as the program does). ``act_dropout``: MC-dropout masks from the steps'
+        keys (Monte-Carlo samples of the dynamics); off, the keys are unused.
+        """
+        n = networks()
+        drop = (lambda key: key) if act_dropout else (lambda key: None)
+
+        def backbone_step(state, wbar, a_prev, mask, key):
+            """One backbone step from ``state``: ``(m_t (B, d), state after it)``."""
+            x = backbone_inputs(wbar, a_prev if u else None, mask)[:, None]
+            m, state = n.backbone(x, state, key=key, parallel=False)
+            return m[:, 0], state
+
+        def init(batch_size):
+            prior = initial(n, batch_size)
+            base = backbone.init_state((batch_size,), prior.mean.dtype)
+            action = jnp.zeros((batch_size, u), prior.mean.dtype)
+            seen = jnp.ones((batch_size, K), bool)
+            m, state = backbone_step(base, prior.mean, action, seen, None)
+            return KalMambaBelief(prior.mean, prior.cov, m, state, base, action)
+
+        def condition(belief, obs, mask, key):
+            obs, seen = step_observations(preprocess(obs), mask, names)
+            w, R = encode(n, {k: o.astype(belief.mean.dtype) for k, o in obs.items()})
+            post, _ = kalman.update(kalman.Gaussian(belief.mean, belief.cov), w, R, seen)
+            wbar = fuse(w, R, seen)
+            m, state = backbone_step(belief.base, wbar, belief.action, seen, drop(key))
+            return belief._replace(mean=post.mean, cov=post.cov, m=m, mamba=state)
+
+        def predict(belief, action, key):
+            a = jnp.asarray(action, belief.mean.dtype).reshape(belief.mean.shape[0], u)
+            k_dyn, k_pre = _keys(drop(key), 2)
+            now = kalman.Gaussian(belief.mean, belief.cov)
+            pred = kalman.predict(now, transition(n, belief.m, a, k_dyn))
+            seen = jnp.ones((a.shape[0], K), bool)
+            pseudo = jnp.where(visible, pred.mean, 0.0)  # as an observation would be fed
+            m, state = backbone_step(belief.mamba, pseudo, a, seen, k_pre)
+            return KalMambaBelief(pred.mean, pred.cov, m, state, belief.mamba, a)
+
+        def filter_(obs, actions, mask, key):
+            x = prepare(obs, actions, mask)
+            f = _forward(n, x, drop(key), return_states=True)
+            filt = filtered(f.structure)
+            B, T = x.mask.shape[:2]
+            a_prev = _shift(x.actions) if u else jnp.zeros((B, T, 0), filt.mean.dtype)
+            base = jax.tree.map(_shift, f.mamba_state)
+            return KalMambaBelief(filt.mean, filt.cov, f.m, f.mamba_state, base, a_prev)
+
+        head = None if reward_head is None else reward_fn()
+        dec = decoder_fns()
+
+        def decode(f):
+            out = {k: fn(f) for k, fn in dec.items()}
+            return out if isinstance(obs_dims, Mapping) else out[names[0]]
+
+        features = lambda b: b.mean
+        return BeliefStep(init, condition, predict, features, head, decode, filter_)
+
     model.forward, model.prepare, model.regulariser = forward, prepare, regulariser
     model.preprocess = preprocess
     model.networks, model.reward, model.decoders = networks, reward_fn, decoder_fns
-    model.backbone_module = backbone
+    model.belief_step = belief_step
     model.latent_dim, model.action_dim, model.obs_dims = d, u, dims
     model.parallel, model.feature_size, model.observed_dim = parallel, d, observed
     return model
-
-
-class KalMambaELBO(ELBO):
-    """``-(ELBO) + alpha R``: KalMamba's objective (Sec. 2; Eq. 2) around any NumPyro ELBO (or
-    :class:`inference.training.MetricsELBO` wrapper such as free nats).
-
-    For one loss evaluation it draws one dropout key (``mc_dropout=True``) and hands it to model
-    and guide as ``dropout_key`` (so the smoothing guide and the prior use the same MC-dropout
-    dynamics), then adds ``alpha`` times the Mahalanobis regulariser of the same forward pass,
-    summed over the batch, as the NumPyro ELBO sums its terms. With ``detach_filter`` (default;
-    the paper leaves this open) the regulariser moves ``m_t`` only, not the filtered belief.
-
-    Metrics: ``"elbo"`` (of the inner ELBO), ``"mahalanobis"`` (``R`` summed over the batch),
-    plus the inner wrapper's. Implements :class:`inference.training.MetricsELBO` and NumPyro's
-    ``loss_with_mutable_state`` (usable with ``numpyro.infer.SVI``).
-    """
-
-    def __init__(
-        self, elbo=None, *, alpha: float = 1.0, mc_dropout: bool = True, detach_filter=True
-    ):
-        self.elbo = TraceMeanField_ELBO() if elbo is None else elbo
-        super().__init__(num_particles=getattr(self.elbo, "num_particles", 1))
-        self.alpha, self.mc_dropout, self.detach_filter = float(alpha), mc_dropout, detach_filter
-        if hasattr(self.elbo, "init_aux"):  # forward the inner wrapper's own state
-            self.init_aux = self.elbo.init_aux
-            if hasattr(self.elbo, "update_aux"):
-                self.update_aux = self.elbo.update_aux
-
-    def loss_with_metrics(self, rng_key, param_map, model, guide, *args, **kwargs) -> dict:
-        if not hasattr(model, "regulariser"):
-            raise TypeError("KalMambaELBO needs a KalMamba model (with `model.regulariser`)")
-        k_elbo, k_drop = jax.random.split(rng_key)
-        if self.mc_dropout:
-            kwargs = {**kwargs, "dropout_key": k_drop}
-        if hasattr(self.elbo, "loss_with_metrics"):
-            out = self.elbo.loss_with_metrics(k_elbo, param_map, model, guide, *args, **kwargs)
-            metrics = dict(out["metrics"])
-        else:
-            out = self.elbo.loss_with_mutable_state(
-                k_elbo, param_map, model, guide, *args, **kwargs
-            )
-            metrics = {}
-        kwargs.pop("aux", None)
-        with handlers.block(), handlers.substitute(data=param_map):
-            R = jnp.sum(model.regulariser(*args, detach=self.detach_filter, **kwargs))
-        metrics.setdefault("elbo", -out["loss"])
-        metrics["mahalanobis"] = R
-        return {
-            "loss": out["loss"] + self.alpha * R,
-            "metrics": metrics,
-            "mutable_state": out.get("mutable_state"),
-        }
-
-    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
-        out = self.loss_with_metrics(rng_key, param_map, model, guide, *args, **kwargs)
-        return {"loss": out["loss"], "mutable_state": out["mutable_state"]}

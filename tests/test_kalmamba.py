@@ -1,8 +1,10 @@
 """Tests of KalMamba (pssm.kalmamba) and its world model (rl.world_models.kalmamba): sites and
 the declared latent LGSSM, causality and masks, sequential == parallel forward passes (structure,
 filtered and smoothed moments, ELBO), the Mahalanobis regulariser against a naive filter, the
-ELBO wrapper, MC dropout, likelihoods against hand computations, training, image modalities,
-and the world model's stepwise filter against its time-parallel one."""
+ELBO wrapper (inference.objectives.KalMambaELBO), MC dropout, likelihoods against hand
+computations, training, image modalities, and the belief step (model.belief_step, the world
+model's observe / imagine / filter_sequence): stepping it equals its time-parallel filter and the
+program's filtered beliefs."""
 
 from functools import partial
 
@@ -17,7 +19,8 @@ from scipy import stats
 
 from inference import kalman, training
 from inference.guides import kalman_smoothing
-from pssm.kalmamba import KalMambaELBO, kalmamba
+from inference.objectives import KalMambaELBO
+from pssm.kalmamba import kalmamba
 from pssm.locally_linear import locally_linear
 from rl import world_model as W
 from rl.world_models.kalmamba import kalmamba_world_model
@@ -330,8 +333,10 @@ def wm():
 
 
 def test_world_model_stepwise_filter_equals_parallel(wm, models, data, trace):
-    """Generic observe/imagine scan == the time-parallel filter_sequence (dropout off): every
-    leaf of the belief, Mamba states included; the filtered moments are a naive filter's."""
+    """The belief step's wiring (float64, dropout off): scanning ``condition`` / ``predict``
+    (the world model's observe / imagine, generic scan) == its time-parallel ``filter``
+    (``filter_sequence``) on every leaf of the belief, Mamba states included; the filtered
+    moments are a naive filter's of the program's declared latent LGSSM."""
     params = trace[1]
     key = jax.random.key(12)
     args = (data["obs"], data["actions"], data["mask"])
@@ -385,7 +390,8 @@ def test_world_model_acting_functions(wm, data, trace):
     def rollout_grad(p, b):
         def total_reward(p, b):
             policy = lambda feat, key: jnp.tanh(feat[:, :U])
-            _, _, rewards = W.imagine_rollout(wm, p, jax.random.key(3), b, policy, horizon=2)
+            key = jax.random.key(3)
+            _, _, rewards = W.imagine_rollout(wm, p, key, b, policy=policy, horizon=2)
             return rewards.sum()
 
         return jax.grad(total_reward, argnums=(0, 1))(p, b)

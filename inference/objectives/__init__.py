@@ -26,6 +26,7 @@ from .constrained import (
     update_multiplier,
 )
 from .free_nats import FreeNatsELBO
+from .kalmamba import KalMambaELBO
 from .vhp import VHP, sample_posterior, sample_prior, vhp_bound
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "AnnealedELBO",
     "ConstrainedELBO",
     "FreeNatsELBO",
+    "KalMambaELBO",
     "REWOState",
     "RateDistortion",
     "RateDistortionELBO",
