@@ -16,9 +16,9 @@ variance in the preprocessed scale (PlaNet/Dreamer); ``uint8`` images are mapped
 PlaNet and VRKN), float images are taken as already mapped.
 
 The posterior of the RSSM, ``q(z_t | h_t, o_t)`` with ``h_t`` recomputed from the posterior's
-own samples, is the amortised filtering guide (:func:`inference.guides.filtering` for vectors,
-:func:`inference.guides.rssm_filtering.rssm_filtering` with a conv encoder for images); its
-smoothing variant ``q(z_t | h_t, o_{t:T})`` is :mod:`inference.guides.smoothing_rssm`. Guides
+own samples, is the amortised filtering guide (:func:`inference.guides.filtering`, a conv
+encoder for image modalities); its smoothing variant ``q(z_t | h_t, o_{t:T})`` (the "Smoothing
+RSSM" of Becker & Neumann 2022, Sec. 2.3) is :mod:`inference.guides.smoothing_rssm`. Guides
 reach the deterministic path through ``model.deterministic`` and nothing else. Trained with
 ``TraceMeanField_ELBO``, each step contributes ``KL(q(z_t | ...) || p(z_t | h_t))`` in closed
 form: the RSSM objective.
@@ -34,13 +34,29 @@ model and guide use one set of masks (one forward pass, as in a single network);
 variational distribution is its prior and it adds exactly 0 to the ELBO. Outside the program
 (agents' ``imagine``) the masks come from an explicit key: every key samples other dynamics.
 
+Acting (:mod:`pssm.belief`): the belief is one sample of the state plus a first-step flag,
+:class:`RSSMBelief` ``(h_t, z_t, first)`` (PlaNet/Dreamer act on ``[h_t, z_t]``). Since the
+posterior lives in the guide, ``model.belief_step(posterior)`` takes the guide's one per-step
+posterior (``guide.belief_posterior`` of :func:`inference.guides.filtering` or
+:func:`inference.guides.smoothing_rssm`, the function the guide's own scan applies):
+
+    init        h = 0, z = 0, first = 1
+    condition   z_t ~ q(z_t | h_t, o_t, m_t, first),  first = 0     (the guide's factor)
+    predict     h_{t+1} = GRU(h_t, MLP([z_t, a_t])),  z_{t+1} ~ p(z_{t+1} | h_{t+1})
+    features    [h_t, z_t]
+
+(the smoothing guide's factor needs ``o_{t:}``; online it sees the sequence that ends at ``t``,
+see there). ``predict`` is the one prior step the program scans (the same function) with MC dropout
+noise drawn from its key, with the distribution and layout of one step of the site
+``"<name>_dropout"`` (:func:`step_dropout_noise`): every key samples other dynamics.
+
 Sites (conventions in :mod:`pssm.core`): ``"z_0"`` ``(B, stoch)`` and ``"z"``
 ``(T-1, B, stoch)`` (a NumPyro ``scan``, the plate ``"batch"`` inside its body), the
 deterministic site ``"h"`` ``(B, T, deter)``, and ``"obs"`` (one array) or ``"obs_<name>"`` per
 modality of a dict. The model returns the features ``[h_t, z_t]`` ``(B, T, deter + stoch)``.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import jax
@@ -51,9 +67,14 @@ from flax import nnx
 from numpyro.contrib.control_flow import scan
 
 from . import nets
+from .belief import BeliefStep
 from .core import gaussian
 from .layers import ConvDecoder, MCDropout, preprocess_image
 from .locally_linear import gaussian_observations, modalities, observation_sites, prepare_inputs
+
+# The posterior of one step, from the guide: ``(state_t (B, deter), obs_t, mask_t, first (B,))
+# -> (mu, sigma^2)`` of ``q(z_t | ...)``; ``obs_t`` / ``mask_t`` as in :mod:`pssm.belief`.
+StepPosterior = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 def _dropout_mlp(mlp: nets.MLP, x, dropout: MCDropout, key=None, noise=None):
@@ -118,6 +139,22 @@ class DropoutNoise(NamedTuple):
 
     path: jax.Array
     prior: jax.Array
+
+
+class RSSMBelief(NamedTuple):
+    """The RSSM's belief: ``h`` ``(B, deter)``, ``z`` ``(B, stoch)``, one sample of the state,
+    and ``first`` ``(B,)``: no observation conditioned on yet (the guide's ``1{t = 0}``)."""
+
+    h: jax.Array
+    z: jax.Array
+    first: jax.Array
+
+
+def step_dropout_noise(key, batch_size: int, path_size: int, prior_size: int, dtype):
+    """One step of the dropout site ``"<name>_dropout"`` from ``key``: ``u ~ U(0, 1)``
+    ``(B, path_size + prior_size)``, split as the site is (deterministic path first)."""
+    u = jax.random.uniform(key, (batch_size, path_size + prior_size), dtype)
+    return DropoutNoise(u[:, :path_size], u[:, path_size:])
 
 
 def score_rewards(rewards: jax.Array, features: jax.Array, head) -> None:
@@ -191,6 +228,7 @@ def rssm(
         * ``model.dropout_noise(B, T)``: samples the site ``"<name>_dropout"`` and returns a
           :class:`DropoutNoise`, or ``None`` (no dropout, or no key available); a guide that
           recomputes ``h`` calls it so that model and guide share the masks.
+        * ``model.belief_step(posterior)``: the online filter for agents (module docstring).
         * ``model.preprocess(obs)``: integer images to floats (what the networks see).
         * ``model.latent_dim`` (``stoch``), ``model.deterministic_size`` (``deter``),
           ``model.feature_size`` (``deter + stoch``), ``model.action_dim``, ``model.obs_dims``,
@@ -246,11 +284,22 @@ def rssm(
             )
         return DropoutNoise(u_[..., :n], u_[..., n:])
 
+    def transition(path_fn, prior_net):
+        """The one prior step of the program and of ``predict`` from the registered networks,
+        ``(h_{t-1}, z_{t-1}, a_{t-1}, noise) -> (h_t, (mu, sigma^2))`` of ``p(z_t | h_t)``
+        (``noise``: one step's :class:`DropoutNoise`, or ``None``)."""
+
+        def step(h, z, a, noise=None):
+            h = path_fn(h, z, a, noise=None if noise is None else noise.path)
+            return h, prior_net(h, noise=None if noise is None else noise.prior)
+
+        return step
+
     def model(obs, actions=None, mask=None, rewards=None):
         x = prepare_inputs(obs_dim, u, preprocess(obs), actions, mask)
         B, T = x.mask.shape[:2]
-        step = deterministic()
         prior_net = prior_fn()
+        step = transition(deterministic(), prior_net)
         drop = dropout_noise(B, T)
         h0 = jnp.zeros((B, deter), nets.default_param_dtype())
         with numpyro.plate("batch", B):
@@ -261,18 +310,16 @@ def rssm(
         a_prev = jnp.moveaxis(a_prev[:, :-1], 1, 0)  # (T-1, B, u): a_{t-1} for t = 1..T-1
         noise = None if drop is None else jax.tree.map(lambda v: jnp.moveaxis(v[:, 1:], 1, 0), drop)
 
-        def transition(carry, xs):
+        def scan_step(carry, xs):
             h, z = carry
             a, n = xs
-            h = step(h, z, a, noise=None if n is None else n.path)
+            h, prior_t = step(h, z, a, n)
             with numpyro.plate("batch", B):
-                z = numpyro.sample(
-                    "z", gaussian(*prior_net(h, noise=None if n is None else n.prior))
-                )
+                z = numpyro.sample("z", gaussian(*prior_t))
             return (h, z), (h, z)
 
         if T > 1:  # T = 1: z_0 alone, no site "z" (as pssm.core.sample_latent_path)
-            _, (hs, zs) = scan(transition, (h0, z0), (a_prev, noise))
+            _, (hs, zs) = scan(scan_step, (h0, z0), (a_prev, noise))
         else:  # NumPyro's scan cannot replay a length-0 site
             hs, zs = jnp.zeros((0, B, deter), h0.dtype), jnp.zeros((0, B, stoch), z0.dtype)
         h = jnp.concatenate([h0[:, None], jnp.moveaxis(hs, 0, 1)], axis=1)
@@ -299,7 +346,65 @@ def rssm(
         """Register the decoders; returns ``{modality: features (..., F) -> mean}``."""
         return {k: nets.register(f"{name}_decoder_{k}", decoders[k]) for k in dims}
 
+    def belief_step(posterior: Callable[[], StepPosterior]) -> BeliefStep:
+        """The online filter of the RSSM (:mod:`pssm.belief`; equations in the module docstring).
+
+        Args:
+            posterior: the guide's ``belief_posterior`` (called here, so that its networks are
+                registered under the caller's parameters), which returns the guide's per-step
+                factor ``(h_t, obs_t, mask_t, first (B,)) -> (mu, sigma^2)``.
+
+        Returns:
+            A :class:`pssm.belief.BeliefStep` over :class:`RSSMBelief`: ``condition`` draws
+            ``z_t = mu + sigma * eps`` (``eps`` from its key) from the guide's factor, even
+            where ``o_t`` is fully masked (as the guide does in training); ``predict`` is the
+            program's transition with dropout noise from its key (``key -> (k_noise, key)`` when
+            ``mc_dropout > 0``, :func:`step_dropout_noise` from ``k_noise``), then
+            ``z_{t+1} = mu + sigma * eps`` with ``eps`` from ``key``.
+        """
+        q = posterior()
+        step = transition(deterministic(), prior_fn())
+        head = None if reward_head is None else reward_fn()
+        dec = decoder_fns()
+
+        def init(batch_size):
+            dtype = nets.default_param_dtype()
+            return RSSMBelief(
+                jnp.zeros((batch_size, deter), dtype),
+                jnp.zeros((batch_size, stoch), dtype),
+                jnp.ones((batch_size,), bool),
+            )
+
+        def draw(key, mu, var):
+            return mu + jnp.sqrt(var) * jax.random.normal(key, mu.shape, mu.dtype)
+
+        def condition(belief, obs, mask, key):
+            mu, var = q(belief.h, obs, mask, belief.first)
+            return RSSMBelief(belief.h, draw(key, mu, var), jnp.zeros_like(belief.first))
+
+        def predict(belief, action, key):
+            B = belief.h.shape[0]
+            a = jnp.asarray(action, belief.h.dtype).reshape(B, u)
+            noise = None
+            if rate:
+                k_noise, key = jax.random.split(key)
+                noise = step_dropout_noise(
+                    k_noise, B, path.noise_size, prior.noise_size, belief.h.dtype
+                )
+            h, (mu, var) = step(belief.h, belief.z, a, noise)
+            return RSSMBelief(h, draw(key, mu, var), jnp.zeros_like(belief.first))
+
+        def features(belief):
+            return jnp.concatenate([belief.h, belief.z], axis=-1)
+
+        def decode(f):
+            out = {k: fn(f) for k, fn in dec.items()}
+            return out if isinstance(obs_dim, Mapping) else out["obs"]
+
+        return BeliefStep(init, condition, predict, features, head, decode)
+
     model.reward, model.decoders, model.prior = reward_fn, decoder_fns, prior_fn
+    model.belief_step = belief_step
     model.deterministic, model.dropout_noise, model.preprocess = (
         deterministic,
         dropout_noise,

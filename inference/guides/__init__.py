@@ -2,15 +2,17 @@
 one) and returning an ordinary NumPyro guide with the model's signature."""
 
 from .auxiliary import auxiliary
+from .ekvae import ekvae_guide
 from .filtering import closed_form_filtering, filtering
 from .kalman import backward_sampling, kalman_smoothing
-from .rssm_filtering import rssm_filtering
+from .rssm_filtering import rssm_filtering  # = filtering, its former name
 from .smoothing_rssm import smoothing_rssm
 
 __all__ = [
     "auxiliary",
     "backward_sampling",
     "closed_form_filtering",
+    "ekvae_guide",
     "filtering",
     "kalman_smoothing",
     "rssm_filtering",

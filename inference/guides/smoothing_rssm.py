@@ -15,25 +15,57 @@ sites, exactly as in the filtering guide, and the sites are the same (``"z_0"``,
 filtering guide's bound (the RSSM objective) ignores the future; this one can be tight.
 
 ``emb_k`` is a conv encoder for images and the identity for vectors
-(:class:`inference.guides.rssm_filtering.GuideNetworks`); a model without a deterministic path
-uses ``[z_{t-1}, a_{t-1}]`` in place of ``h_t``. The backward state needs the whole sequence:
-for online filtering use the filtering guide (or, as an approximation, ``b_t`` of a sequence
-that ends at ``t``).
+(:class:`inference.guides.filtering.GuideNetworks`); a model without a deterministic path uses
+``[z_{t-1}, a_{t-1}]`` in place of ``h_t``.
+
+Acting online (``guide.belief_posterior``, for :func:`pssm.rssm.rssm`'s ``belief_step``): the
+backward state needs the whole sequence, which an agent does not have. The online factor uses
+``b_t`` of the sequence that *ends* at ``t`` (``b_{t+1} = 0``), an approximation:
+
+    b_t = GRU_b(0, [e_t, m_t, 0])        q(z_t | h_t, b_t, 1{t = 0}) as above
+
+with the action slot zero, since ``a_t`` is chosen only after conditioning on ``o_t``. It is the
+training-time factor exactly at the last step of a sequence, if that step's action is zero;
+earlier steps saw the future in training and see only ``o_t`` online. The networks and
+parameter sites are the training ones (:func:`smoothing_factor`, used by both).
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from .rssm_filtering import (
+from .filtering import (
     GuideNetworks,
+    first_flags,
     guide_inputs,
     latent_size,
+    posterior_factor,
     sample_states,
     shapes,
     state_size,
+    step_inputs,
+    step_latent_size,
 )
+
+
+def smoothing_factor(networks: GuideNetworks, dims: Mapping, u: int, s: int, d: int, size: int):
+    """Register the smoothing guide's networks (modalities ``dims``, ``u`` actions, state size
+    ``s``, latent size ``d``, backward state size ``size``); returns ``(inputs, cell, factor)``:
+    ``inputs(obs, mask (..., K), actions (..., u)) -> [e_t, m_t, a_t]`` on any leading axes,
+    the backward cell ``(b_{t+1}, inputs_t) -> b_t`` and the factor on ``[s_t, b_t, 1{t = 0}]``
+    (:func:`inference.guides.filtering.posterior_factor` of ``s_t`` and
+    ``seen_t = [b_t, 1{t = 0}]``)."""
+    embed = networks.embedding(dims)
+    n = networks.embedding_size(dims) + len(dims) + u
+    cell = networks.backward(n, size)
+    factor = posterior_factor(networks.posterior(s + size + 1, d))
+
+    def inputs(obs, mask, actions):
+        e = embed(obs, mask)
+        return jnp.concatenate([e, mask.astype(e.dtype), actions.astype(e.dtype)], axis=-1)
+
+    return inputs, cell, factor
 
 
 def smoothing_rssm(
@@ -60,16 +92,17 @@ def smoothing_rssm(
         latent_dim: size of ``z_t`` (default ``model.latent_dim`` or read from the model).
         min_var: floor of the factors' variances.
         conv_depth, embed_features: conv encoders of image modalities (as in
-            :func:`inference.guides.rssm_filtering.rssm_filtering`).
+            :func:`inference.guides.filtering`).
         seed: initialisation of the networks.
 
     Returns:
         A NumPyro guide ``(obs, actions=None, mask=None, rewards=None)`` sampling ``"z_0"``
         ``(B, d)`` and ``"z"`` ``(T-1, B, d)`` and returning the path ``(B, T, d)``, carrying
         ``guide.backward_states(obs, actions=None, mask=None)`` -> ``b`` ``(B, T, backward_size)``
-        (registers the parameter sites it uses) and the stepwise pieces ``guide.embedding(dims)``,
-        ``guide.backward(in_features)`` (``(b_next, x_t) -> b_t``) and
-        ``guide.posterior(in_features)`` (on ``[s_t, b_t, 1{t = 0}]``).
+        (registers the parameter sites it uses) and ``guide.belief_posterior()`` (under
+        ``handlers.substitute`` of the parameters; needs ``model.obs_dims``): the online factor
+        of the module docstring, ``(s_t (B, s), obs_t, mask_t, first (B,)) -> (mu, sigma^2)``,
+        what :func:`pssm.rssm.rssm`'s ``belief_step`` takes.
     """
     networks = GuideNetworks(
         name, hidden, min_var=min_var, conv_depth=conv_depth, embed_features=embed_features,
@@ -77,51 +110,57 @@ def smoothing_rssm(
     )  # fmt: skip
     size = int(backward_size)
 
-    def backward_inputs(x):
-        e = networks.embedding(shapes(x))(x.obs, x.mask)
-        B, T = x.mask.shape[:2]
-        a = jnp.zeros((B, T, 0), e.dtype) if x.actions is None else x.actions.astype(e.dtype)
-        return jnp.concatenate([e, x.mask.astype(e.dtype), a], axis=-1)  # (B, T, E + K + u)
+    def pieces(x, d):
+        u = 0 if x.actions is None else x.actions.shape[-1]
+        return smoothing_factor(networks, shapes(x), u, state_size(model, d, u), d, size)
 
-    def backward_scan(x):
-        inputs = backward_inputs(x)
-        B = inputs.shape[0]
-        gru = networks.backward(inputs.shape[-1], size)
-
+    def backward_scan(inputs, cell):
         def step(b_next, x_t):
-            b = gru(b_next, x_t)
+            b = cell(b_next, x_t)
             return b, b
 
-        b_T = jnp.zeros((B, size), inputs.dtype)
+        b_T = jnp.zeros((inputs.shape[0], size), inputs.dtype)
         _, b = jax.lax.scan(step, b_T, jnp.moveaxis(inputs, 1, 0), reverse=True)
         return jnp.moveaxis(b, 0, 1)  # (B, T, size); b[:, t] has seen steps t..T-1
+
+    def actions_of(x):
+        B, T = x.mask.shape[:2]
+        return jnp.zeros((B, T, 0)) if x.actions is None else x.actions
 
     def guide(obs, actions=None, mask=None, rewards=None):  # rewards: scored by the model only
         x = guide_inputs(model, obs, actions, mask)
         B, T = x.mask.shape[:2]
         d = latent_size(model, latent_dim, obs, actions, mask)
-        b = backward_scan(x)
-        flag = jnp.zeros((B, T, 1), b.dtype).at[:, 0].set(1.0)
-        seen = jnp.concatenate([b, flag], axis=-1)
-        u = 0 if x.actions is None else x.actions.shape[-1]
-        net = networks.posterior(state_size(model, d, u) + seen.shape[-1], d)
-        return sample_states(model, net, seen, x.actions, d)
+        inputs, cell, factor = pieces(x, d)
+        b = backward_scan(inputs(x.obs, x.mask, actions_of(x)), cell)
+        seen = jnp.concatenate([b, first_flags(B, T)[..., None].astype(b.dtype)], axis=-1)
+        return sample_states(model, factor, seen, x.actions, d)
 
     def backward_states(obs, actions=None, mask=None):
         """The backward GRU's states ``b`` ``(B, T, backward_size)`` of a batch."""
-        return backward_scan(guide_inputs(model, obs, actions, mask))
+        x = guide_inputs(model, obs, actions, mask)
+        d = latent_size(model, latent_dim, obs, actions, mask)
+        inputs, cell, _ = pieces(x, d)
+        return backward_scan(inputs(x.obs, x.mask, actions_of(x)), cell)
 
-    def backward(in_features: int):
-        """The backward cell ``(b_{t+1}, [e_t, m_t, a_t]) -> b_t`` (its site registered)."""
-        return networks.backward(int(in_features), size)
+    def belief_posterior():
+        d = step_latent_size(model, latent_dim, "smoothing_rssm")
+        u = int(getattr(model, "action_dim", 0) or 0)
+        dims = getattr(model, "obs_dims", None)
+        if dims is None:
+            raise TypeError("a belief step needs model.obs_dims (the modalities and their order)")
+        inputs, cell, factor = smoothing_factor(networks, dims, u, state_size(model, d, u), d, size)
 
-    def posterior(in_features: int):
-        """The factor network on ``[s_t, b_t, 1{t = 0}]`` (``in_features`` entries)."""
-        d = latent_dim or getattr(model, "latent_dim", None)
-        if d is None:
-            raise ValueError("pass latent_dim= to smoothing_rssm() to step its posterior network")
-        return networks.posterior(int(in_features), int(d))
+        def posterior(state, obs, mask, first):
+            """``(mu_t, sigma_t^2)`` with ``b_t = GRU_b(0, [e_t, m_t, 0])`` (module docstring)."""
+            o, m = step_inputs(model, obs, mask)
+            B = m.shape[0]
+            x_t = inputs(o, m, jnp.zeros((B, u), state.dtype))
+            b = cell(jnp.zeros((B, size), x_t.dtype), x_t)
+            flag = jnp.asarray(first)[:, None].astype(b.dtype)
+            return factor(state, jnp.concatenate([b, flag], axis=-1))
 
-    guide.backward_states, guide.backward, guide.posterior = backward_states, backward, posterior
-    guide.embedding = networks.embedding
+        return posterior
+
+    guide.backward_states, guide.belief_posterior = backward_states, belief_posterior
     return guide
