@@ -1,9 +1,11 @@
-"""The RSSM world model steps exactly as the RSSM model and its filtering guide do."""
+"""The RSSM family's world model (RSSM, MC-dropout RSSM, smoothing RSSM) steps as the RSSM
+program and its guide do; sequence filtering, rollouts and training with rewards."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from numpyro import handlers
 
 from inference import training
@@ -11,7 +13,8 @@ from pssm.observations import step_observations
 from rl.world_model import filter_sequence, imagine_rollout
 from rl.world_models.rssm import RSSMBelief, rssm_model_and_guide, rssm_world_model
 
-B, T, P, U = 3, 5, 4, 2
+B, T, P, U, RATE = 3, 5, 4, 2, 0.4
+SIZES = dict(stoch=3, deter=5, hidden=8)
 
 
 def _batch(seed=0):
@@ -26,45 +29,79 @@ def _batch(seed=0):
     }
 
 
-def _world_model():
-    return rssm_world_model(P, U, stoch=3, deter=5, hidden=8)
+def _world_model(**variant):
+    return rssm_world_model(P, U, **SIZES, **variant)
 
 
-def test_stepwise_filter_matches_guide_and_model():
-    wm, batch = _world_model(), _batch()
+def _loc_scale(site, t):
+    """``(loc, scale)`` of a latent site's factor at step ``t`` (``"z_0"``: t = 0)."""
+    fn = site["fn"]
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    sel = (lambda v: v) if site["name"] == "z_0" else (lambda v: v[t - 1])
+    return np.asarray(sel(fn.loc)), np.asarray(sel(fn.scale))
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"mc_dropout": RATE}, {"smoothing": True, "backward_size": 4}],
+    ids=["rssm", "mcd_rssm", "smoothing_rssm"],
+)
+def test_belief_step_walks_the_guides_path(variant):
+    """Wiring of the RSSM family's belief step to the training programs: stepping
+    ``observe``/``imagine`` over a sequence with the guide's samples substituted for ``z_t``,
+
+    * ``imagine`` (``predict``) gives the model's ``h_t`` and draws ``z_t`` from the model's
+      prior factor ``p(z_t | h_t)``, with dropout masks from its key: the program is run with
+      the dropout site set to what the keys give (``U(0, 1)`` from the first half of
+      ``split(k_t)``, ``eps`` from the second);
+    * ``observe`` (``condition``) draws ``z_t`` from the guide's own factor: filtering guides at
+      every step, the smoothing guide at the last step (only there ``b_{t+1} = 0``; the last
+      action is 0, the slot the online posterior zeroes) and not before (it saw the future);
+    * the belief step registers only parameter sites that training has.
+    """
+    wm = _world_model(**variant)
+    batch = _batch()
+    batch["actions"][:, -1] = 0.0
     raw, _ = wm.objective.init(jax.random.key(0), batch)
     params = wm.objective.constrain(raw)
-    svi_model, svi_guide = rssm_model_and_guide(P, U, stoch=3, deter=5, hidden=8)
-    with handlers.seed(rng_seed=1):
-        g = handlers.trace(handlers.substitute(svi_guide, data=params)).get_trace(**batch)
-    m = handlers.trace(
-        handlers.replay(handlers.seed(handlers.substitute(svi_model, data=params), 2), g)
-    ).get_trace(**batch)
+    model, guide = rssm_model_and_guide(P, U, **SIZES, **variant)
+    with handlers.trace() as used, handlers.seed(rng_seed=0):
+        model.belief_step(posterior=guide.belief_posterior)
+    assert {k for k, v in used.items() if v["type"] == "param"} <= set(params)
+    keys = [jax.random.key(10 + t) for t in range(T)]
+    data = {}
+    if variant.get("mc_dropout"):  # the site "rssm_dropout" (B, T, 8 + 8) the keys give
+        noise = [jnp.zeros((B, 16))] + [
+            jax.random.uniform(jax.random.split(k)[0], (B, 16)) for k in keys[1:]
+        ]
+        data["rssm_dropout"] = jnp.stack(noise, axis=1)
+    guide_, model_ = (handlers.condition(handlers.substitute(f, params), data) for f in (guide, model))
+    g = handlers.trace(handlers.seed(guide_, 1)).get_trace(**batch)
+    m = handlers.trace(handlers.replay(handlers.seed(model_, 2), g)).get_trace(**batch)
     z_path = np.concatenate([g["z_0"]["value"][:, None], np.moveaxis(g["z"]["value"], 0, 1)], 1)
-
-    def loc_scale(site, t):
-        fn = site["fn"]
-        while hasattr(fn, "base_dist"):
-            fn = fn.base_dist
-        sel = (lambda v: v) if site["name"] == "z_0" else (lambda v: v[t - 1])
-        return np.asarray(sel(fn.loc)), np.asarray(sel(fn.scale))
-
+    last = T - 1 if variant.get("smoothing") else 0
     belief = wm.init_belief(params, B)
     for t in range(T):
-        k = jax.random.key(10 + t)
         if t > 0:
-            imagined = wm.imagine(params, k, belief, jnp.asarray(batch["actions"][:, t - 1]))
-            mu, sd = loc_scale(m["z"], t)  # model prior p(z_t | h_t) on the guide's path
-            eps = np.asarray(jax.random.normal(k, mu.shape))
+            imagined = wm.imagine(params, keys[t], belief, jnp.asarray(batch["actions"][:, t - 1]))
+            np.testing.assert_allclose(imagined.h, m["h"]["value"][:, t], rtol=1e-9, atol=1e-12)
+            mu, sd = _loc_scale(m["z"], t)  # the model's prior p(z_t | h_t) on the guide's path
+            k_eps = jax.random.split(keys[t])[1] if variant.get("mc_dropout") else keys[t]
+            eps = np.asarray(jax.random.normal(k_eps, mu.shape))
             np.testing.assert_allclose(imagined.z, mu + sd * eps, rtol=1e-9, atol=1e-9)
             belief = imagined
+        k = jax.random.key(100 + t)
         observed = wm.observe(
             params, k, belief, jnp.asarray(batch["obs"][:, t]), jnp.asarray(batch["mask"][:, t])
         )
-        mu, sd = loc_scale(g["z_0"] if t == 0 else g["z"], t)
-        eps = np.asarray(jax.random.normal(k, mu.shape))
-        np.testing.assert_allclose(observed.z, mu + sd * eps, rtol=1e-9, atol=1e-9)
-        np.testing.assert_allclose(observed.h, m["h"]["value"][:, t], rtol=1e-9, atol=1e-12)
+        mu, sd = _loc_scale(g["z_0"] if t == 0 else g["z"], t)
+        online = observed.z - np.asarray(jax.random.normal(k, mu.shape)) * sd
+        if t >= last:
+            np.testing.assert_allclose(online, mu, rtol=1e-9, atol=1e-9)
+        else:
+            assert np.abs(online - mu).max() > 1e-3
+        np.testing.assert_array_equal(observed.h, belief.h)
         belief = RSSMBelief(observed.h, jnp.asarray(z_path[:, t]), observed.first)
     assert not bool(belief.first.any())
 

@@ -1,9 +1,9 @@
 """The RSSM on images and with MC dropout: uint8 preprocessing and the masked per-pixel Gaussian
-likelihood of the conv decoder, the conv-encoder filtering guide (masked images unseen, vector
-modalities as in the plain filtering guide), the world model stepping exactly as model and guide
-on image + proprio observations with a masked image; MC dropout placed after the hidden layers
-(against a hand-written reference), shared by model and guide (one site, zero ELBO term), off at
-rate 0, and in ``imagine`` a function of the key."""
+likelihood of the conv decoder, the conv-encoder filtering guide (masked images unseen), the
+world model's belief step walking the guide's path on image + proprio observations with a masked
+image; MC dropout placed after the hidden layers (against a hand-written reference), shared by
+model and guide (one site, zero ELBO term), off at rate 0, and in ``imagine`` a function of the
+key."""
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ from numpyro import handlers
 from numpyro.infer import TraceMeanField_ELBO
 from scipy import stats
 
-from inference.guides.rssm_filtering import rssm_filtering
+from inference.guides import filtering
 from pssm.rssm import rssm
 from rl.world_models.rssm import RSSMBelief, rssm_model_and_guide, rssm_world_model
 
@@ -153,7 +153,7 @@ def test_dropout_placement_against_hand_written_reference():
 def test_dropout_shared_by_guide_and_model_and_off_at_rate_zero():
     obs, actions = _vector_data()
     model = rssm(P, U, stoch=S, deter=H, hidden=8, mc_dropout=RATE)
-    guide = rssm_filtering(model, hidden=8)
+    guide = filtering(model, hidden=8)
     g = handlers.trace(handlers.seed(guide, 1)).get_trace(obs, actions)
     m = handlers.trace(handlers.replay(handlers.seed(model, 2), g)).get_trace(obs, actions)
     assert g["rssm_dropout"]["value"].shape == (B, T, 16)

@@ -1,6 +1,7 @@
 """The smoothing RSSM guide: sites and shapes, the backward GRU state against a hand-written
 backward loop (it sees o_{t:} and a_{t:} only, masked steps as zeros), the first factor against
-the posterior network written out, training with TraceMeanField_ELBO, and on a linear-Gaussian
+the posterior network written out, the online posterior agents act with against the guide's
+factor at the last step of a sequence, training with TraceMeanField_ELBO, and on a linear-Gaussian
 SSM whose future observations are informative a higher ELBO than the filtering guide after the
 same training, below the exact log-likelihood."""
 
@@ -89,6 +90,31 @@ def test_sites_backward_state_and_first_factor():
     sample = jax.jit(lambda o: handlers.seed(handlers.substitute(guide, p), 4)(o, actions, mask))
     z, z_changed = sample(obs), sample(obs.at[:, -1].add(1.0))
     assert np.all(np.abs(z[:, 0] - z_changed[:, 0]).max(-1) > 1e-6)
+
+
+def test_online_posterior_is_the_guides_factor_at_the_last_step():
+    """``guide.belief_posterior`` (what the smoothing RSSM acts with) is the guide's factor of a
+    sequence that ends at ``t`` with ``a_t = 0`` (there ``b_{t+1} = 0``), on the model's ``h_t``
+    and the guide's parameter sites: at the last step of the whole sequence, and at step 2 of
+    the sequence cut after it (sequence 1 has o_2 masked there). Before the last step the
+    guide's factor saw the future and differs."""
+    model = rssm(P, U, stoch=S, deter=H, hidden=8)
+    guide = smoothing_rssm(model, hidden=8, backward_size=NB)
+    obs, actions, mask = _data()
+    for cut in (T, 3):
+        o, a, m_ = obs[:, :cut], actions[:, :cut].at[:, -1].set(0.0), mask[:, :cut]
+        g = handlers.trace(handlers.seed(guide, 4)).get_trace(o, a, m_)
+        m = handlers.trace(handlers.replay(handlers.seed(model, 5), g)).get_trace(o, a, m_)
+        with handlers.substitute(data={**params_of(g), **params_of(m)}):
+            q = guide.belief_posterior()
+        fn = g["z"]["fn"].base_dist
+        for t, same in ((cut - 1, True), (1, False)):
+            mu, var = q(m["h"]["value"][:, t], o[:, t], jnp.asarray(m_[:, t]), jnp.zeros(B, bool))
+            if same:
+                np.testing.assert_allclose(mu, fn.loc[t - 1], rtol=1e-10, atol=1e-12)
+                np.testing.assert_allclose(var, fn.scale[t - 1] ** 2, rtol=1e-10)
+            else:
+                assert np.abs(mu - fn.loc[t - 1]).max() > 1e-4
 
 
 @pytest.mark.slow
