@@ -28,8 +28,8 @@ from numpyro import handlers
 
 from inference import training
 from inference.evaluation import OpenLoopResult, heldout_elbo, open_loop_mse
-from inference.objectives import AnnealedELBO, ConstrainedELBO
-from pssm.ekvae import EKVAEBound, infer_latents
+from inference.objectives import AnnealedELBO, ConstrainedELBO, EKVAEBound
+from pssm.ekvae import infer_latents
 from pssm.extended_kalman import apply_transition
 
 VARIANTS = {  # name: (label, method, vhp)

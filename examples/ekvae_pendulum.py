@@ -146,8 +146,9 @@ from inference.evaluation import (
     r2_ols,
     save_image_grid,
 )
+from inference.guides import ekvae_guide
 from pssm.datasets import model_data, pendulum_images
-from pssm.ekvae import ekvae, ekvae_guide, infer_latents
+from pssm.ekvae import ekvae, infer_latents
 
 CONFIGS = {
     "full": dict(train=500, test=200, steps=30000, batch=32, lr=1e-3, calibration=1000,

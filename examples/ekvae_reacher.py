@@ -100,7 +100,8 @@ from inference.evaluation import (
     r2_ols,
     save_image_grid,
 )
-from pssm.ekvae import ekvae, ekvae_guide, infer_latents
+from inference.guides import ekvae_guide
+from pssm.ekvae import ekvae, infer_latents
 from pssm.layers import FlatImageDecoder, FlatImageEncoder
 from pssm.reacher_data import reacher_angles, reacher_images
 

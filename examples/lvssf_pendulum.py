@@ -54,7 +54,8 @@ import scipy.linalg
 
 from inference import training
 from inference.guides import backward_sampling
-from pssm.lvssf import PathKLELBO, filter_beliefs, lvssf
+from inference.objectives import PathKLELBO
+from pssm.lvssf import filter_beliefs, lvssf
 
 A_TRUE = np.array([[0.99, 0.2], [0.0, 0.998]])
 B_TRUE = np.array([[0.03], [0.3]])

@@ -19,7 +19,8 @@ paper counts from 1):
 latent path given ``a`` is found by an extended Kalman filter and smoother without Taylor
 expansion (App. A.5; :mod:`pssm.extended_kalman`: the learned linearisation is evaluated at the
 filtered means). ``model.structure(a, ...)`` returns the LGSSM so linearised, so
-:func:`inference.guides.auxiliary` (wrapped by :func:`ekvae_guide`) is the recognition model
+:func:`inference.guides.auxiliary` (wrapped by :func:`inference.guides.ekvae_guide`) is the
+recognition model
 ``q(a | x) p(z | a)``.
 
 **Bound** (Eqs. 15-18, ``smoother`` or ``filter`` version):
@@ -31,8 +32,9 @@ the ``z_{t-1}`` Monte Carlo term at smoothed samples, ``z_t`` integrated out in 
 With the VHP, ``log p(z_0)`` is replaced by ``F_VHP(z_0)`` (:func:`inference.objectives.
 vhp_bound`); the filter's initial belief stays the Gaussian ``N(m0, P0)`` (learned), which then
 only places the recognition model. Distortion ``D = -sum_t log p(x_t | a_t)`` (Eq. 15), rate
-``R`` the rest: :class:`EKVAEBound` is a :class:`inference.objectives.RateDistortion`, to train
-as is (the bound) or under :class:`inference.objectives.ConstrainedELBO` / ``AnnealedELBO``.
+``R`` the rest: :class:`inference.objectives.EKVAEBound` is a
+:class:`inference.objectives.RateDistortion`, to train as is (the bound) or under
+:class:`inference.objectives.ConstrainedELBO` / ``AnnealedELBO``.
 ``analytic=True`` takes ``E_q[log q - log f]``, ``E_q[log q_0 - log p(z_0)]`` as closed-form
 KLs; the ``log p(a_t | z_{t-1})`` terms are always single-sample estimates.
 
@@ -40,12 +42,12 @@ Missing steps (``mask`` ``(B, T)`` false) skip the Kalman update and drop their 
 (``x_t``, ``q(a_t | x_t)``, ``p(a_t | .)`` and the ``z_{t-1}`` log-ratio of the same term).
 
 The model is also an ordinary NumPyro program (sites ``z_0``, ``z``, ``a``, ``obs``, and
-``zeta`` with the VHP), so ``Trace_ELBO`` with :func:`ekvae_guide` gives the standard sequential
-ELBO (pairwise-smoothed samples) and ``Predictive`` generates sequences.
+``zeta`` with the VHP), so ``Trace_ELBO`` with :func:`inference.guides.ekvae_guide` gives the
+standard sequential ELBO (pairwise-smoothed samples) and ``Predictive`` generates sequences.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 
 import jax
@@ -58,14 +60,22 @@ from numpyro import handlers
 from numpyro.contrib.control_flow import scan
 
 from inference import kalman
-from inference.guides.auxiliary import GaussianEncoder, auxiliary
-from inference.objectives.constrained import RateDistortionELBO
-from inference.objectives.vhp import VHP, sample_posterior, sample_prior, vhp_bound
+from inference.objectives.vhp import VHP, sample_prior, vhp_bound
 
 from . import nets
+from .belief import BeliefStep
 from .core import Structure, check_inputs, linear_gaussian
-from .extended_kalman import apply_transition, auxiliary_bound, extended_kalman_filter
+from .extended_kalman import (
+    apply_transition,
+    auxiliary_bound,
+    ekf_predict,
+    ekf_update,
+    extended_kalman_filter,
+)
 from .lgssm import _covariance
+from .locally_linear import modalities
+from .observations import step_observations
+from .rssm import score_rewards
 
 
 class NeuralLinearisation(nnx.Module):
@@ -188,7 +198,7 @@ def _per_step_mask(mask, n, T):
 
 
 def ekvae(
-    obs_dim: int,
+    obs_dim: int | Mapping[str, int],
     aux_dim: int,
     latent_dim: int,
     *,
@@ -210,12 +220,17 @@ def ekvae(
     learn_initial: bool = True,
     vhp_dim: int | None = None,
     vhp_hidden: Sequence[int] = (64,),
+    reward: bool = False,
+    reward_hidden: Sequence[int] = (128,),
     seed: int = 0,
 ):
     """Build the EKVAE (module docstring).
 
     Args:
-        obs_dim: ``p`` (flattened observations, e.g. 256 for 16x16 images).
+        obs_dim: ``p`` (flattened observations, e.g. 256 for 16x16 images), or ``{modality:
+            p_k}`` (e.g. dm_control state vectors): ``obs`` is then a dict, concatenated in this
+            key order into the one vector ``x_t`` (a ``(B, T, K)`` mask counts a step as seen
+            when every modality is).
         aux_dim, latent_dim: ``D_a`` and ``D_z``.
         action_dim: ``u`` (0: no actions).
         num_bases, transition_hidden: ``M`` and the hidden sizes of ``g``.
@@ -231,16 +246,25 @@ def ekvae(
             ``0`` and ``I``); learned (``"m0"``, diagonal ``"P0"``) if ``learn_initial``.
         vhp_dim: latent size of a VHP on ``z_0`` (``None``: the Gaussian prior); networks with
             ``vhp_hidden`` (sites ``"vhp_prior"``, ``"vhp_posterior"``).
+        reward: add a reward head (site ``"reward_head"``, hidden sizes ``reward_hidden``): the
+            model scores ``rewards[:, t] ~ N(head(z_{t+1}), 1)``
+            (:func:`pssm.rssm.score_rewards`), the bound adds it to the distortion.
         seed: initialisation of all networks.
 
     Returns:
         ``model(obs, actions=None, mask=None)``, a NumPyro program (sites ``z_0``, ``z``, ``a``,
         ``obs``, and ``zeta`` with VHP; parameter sites ``transition``, ``decoder``, ...),
         carrying ``structure`` (the EKF-linearised LGSSM given ``a``), ``bound`` (used by
-        :class:`EKVAEBound`), ``auxiliary_site``, ``auxiliary_dim``, ``obs_dim``,
-        ``latent_dim``, ``action_dim`` and the modules ``transition_net``, ``decoder_net``,
-        ``vhp``.
+        :class:`inference.objectives.EKVAEBound`), ``auxiliary_site``, ``auxiliary_dim``,
+        ``obs_dim``, ``latent_dim``, ``action_dim``, ``feature_size``, ``obs_dims``,
+        ``flatten(obs, mask)``, ``belief_step(encoder=...)`` (:mod:`pssm.belief`) and the
+        modules ``transition_net``, ``decoder_net``, ``vhp``.
     """
+    dims = modalities(obs_dim)
+    if not all(isinstance(v, int) for v in dims.values()):
+        raise ValueError(f"the EKVAE takes vector observations, got shapes {dims}")
+    names, several = list(dims), isinstance(obs_dim, Mapping)
+    obs_dim = sum(dims.values())
     if min(obs_dim, aux_dim, latent_dim) < 1 or action_dim < 0:
         raise ValueError(f"bad sizes: obs {obs_dim}, aux {aux_dim}, latent {latent_dim}, "
                          f"actions {action_dim}")  # fmt: skip
@@ -255,6 +279,7 @@ def ekvae(
     if decoder is None:
         decoder = nets.MLP(p_a, decoder_hidden, p, rngs=rngs)
     vhp = None if vhp_dim is None else VHP(d, vhp_dim, vhp_hidden, rngs=rngs)
+    reward_net = nets.MLP(d, reward_hidden, 1, rngs=rngs) if reward else None
     if isinstance(H, str):
         if H != "identity":
             raise ValueError(f"H must be 'identity' or a matrix, got {H!r}")
@@ -286,7 +311,31 @@ def ekvae(
                                 constraint=dist.constraints.positive)  # fmt: skip
         return lambda a: dist.Normal(decode(a), jnp.sqrt(var)).to_event(1)
 
+    def flatten(obs, mask=None):
+        """``(x, observed)``: the observations as one array ``(B, T, p)`` (a dict of modalities
+        concatenated in key order) and the per-step mask ``(B, T)`` (a ``(B, T, K)`` mask: a
+        step is seen when all its modalities are)."""
+        if several:
+            if not isinstance(obs, Mapping) or set(obs) != set(names):
+                got = sorted(obs) if isinstance(obs, Mapping) else type(obs).__name__
+                raise ValueError(f"obs must be a dict with keys {names}, got {got}")
+            obs = jnp.concatenate([jnp.asarray(obs[k]) for k in names], axis=-1)
+            if mask is not None and jnp.ndim(mask) == 3:
+                mask = jnp.all(jnp.asarray(mask).astype(bool), axis=-1)
+        elif isinstance(obs, Mapping):
+            raise ValueError("this EKVAE has one modality: pass obs as an array (B, T, p)")
+        n, T = jnp.shape(obs)[:2]
+        return obs, _per_step_mask(mask, n, T)
+
+    def reward_fn():
+        """The registered reward head ``z (..., d) -> (...)`` (``None`` without one)."""
+        if reward_net is None:
+            return None
+        head = nets.register("reward_head", reward_net)
+        return lambda z: head(z)[..., 0]
+
     def check(obs, actions, mask):
+        obs, mask = flatten(obs, mask)
         check_inputs(obs, actions if u else None, mask, obs_dim=p, action_dim=u or None)
         if not u and actions is not None:
             raise ValueError("this EKVAE has no actions (action_dim=0) but was given actions")
@@ -295,7 +344,7 @@ def ekvae(
         n, T = obs.shape[:2]
         if T < 2:
             raise ValueError(f"the EKVAE needs sequences of at least 2 steps, got T={T}")
-        return n, T, _per_step_mask(mask, n, T)
+        return obs, n, T, mask
 
     def filter_batch(transition_fn, prior, H_, R_, a, actions, observed):
         run = lambda a_, u_, m_: extended_kalman_filter(transition_fn, prior, H_, R_, a_, u_, m_)
@@ -317,8 +366,8 @@ def ekvae(
         )
 
     @linear_gaussian(structure, exact=False)
-    def model(obs, actions=None, mask=None):
-        n, T, observed = check(obs, actions, mask)
+    def model(obs, actions=None, mask=None, rewards=None):
+        obs, n, T, observed = check(obs, actions, mask)
         H_, R_, prior, transition_fn = parameters()
         p_x = likelihood_fn()
         with numpyro.plate("batch", n):
@@ -342,12 +391,24 @@ def ekvae(
             p_a = dist.MultivariateNormal(jnp.einsum("ij,ntj->nti", H_, z), R_)
             a = numpyro.sample("a", p_a.mask(observed).to_event(1))
             numpyro.sample("obs", p_x(a).mask(observed).to_event(1), obs=clean)
+        if rewards is not None:
+            score_rewards(rewards, z, lambda f: needs_head()(f)[..., None])
         return z
 
-    def bound(key, a, obs, actions=None, mask=None, *, posterior="smoother", analytic=True):
-        """``{"distortion": -sum log p(x|a), "log_p_a": sum L(a), ...}`` over the batch, at the
-        auxiliary sample ``a`` (inside a NumPyro parameter context)."""
-        n, T, observed = check(obs, actions, mask)
+    def needs_head():
+        head = reward_fn()
+        if head is None:
+            raise ValueError("this EKVAE has no reward head: build it with reward=True")
+        return head
+
+    def bound(
+        key, a, obs, actions=None, mask=None, rewards=None, *, posterior="smoother",
+        analytic=True,
+    ):  # fmt: skip
+        """``{"distortion": -sum log p(x|a) [- sum log p(r|z)], "log_p_a": sum L(a), ...}`` over
+        the batch, at the auxiliary sample ``a`` (inside a NumPyro parameter context); with
+        ``rewards`` the reward term is scored at the bound's sample of ``z``."""
+        obs, n, T, observed = check(obs, actions, mask)
         H_, R_, prior, transition_fn = parameters()
         clean = jnp.where(observed[..., None], obs, 0.0)
         log_px = likelihood_fn()(a).log_prob(clean)  # (n, T)
@@ -366,15 +427,85 @@ def ekvae(
             parts = jax.vmap(lambda k, a_, u_, m_: one(k, a=a_, actions=u_, mask=m_))(
                 keys, a, actions, observed
             )
+        reward_nll = jnp.zeros((), distortion.dtype)
+        if rewards is not None:
+            head = needs_head()
+            scored = lambda: score_rewards(rewards, parts["z"], lambda f: head(f)[..., None])
+            site = handlers.trace(scored).get_trace()["reward"]
+            reward_nll = -jnp.sum(site["fn"].log_prob(site["value"]))
         return {
-            "distortion": distortion,
+            "distortion": distortion + reward_nll,
+            "reward_nll": reward_nll,
             "log_p_a": jnp.sum(parts["bound"]),
             "initial": jnp.sum(parts["initial"]),
             "transition": jnp.sum(parts["transition"]),
             "posterior_kl": jnp.sum(parts["posterior_kl"]),
         }
 
+    def belief_step(encoder: nnx.Module | None = None, encoder_name: str = "encoder") -> BeliefStep:
+        """The online EKF (:mod:`pssm.belief`): the belief is the EKF's ``N(m, P)`` over ``z``
+        (``(B, d)``, ``(B, d, d)``); ``condition`` takes ``a_t`` as the encoder's mean of
+        ``q(a_t | x_t)`` and applies :func:`pssm.extended_kalman.ekf_update`, ``predict`` is
+        :func:`pssm.extended_kalman.ekf_predict` (the learned linearisation at the mean and
+        the action, no sampling), the features are the mean; ``filter`` runs
+        :func:`pssm.extended_kalman.extended_kalman_filter` (which scans those two steps) on
+        the encoder means of a whole sequence.
+
+        Args:
+            encoder: the recognition network ``x -> (loc, scale)`` of ``a`` (the guide's:
+                ``inference.guides.ekvae_guide(model).encoder``), registered as
+                ``encoder_name`` (its parameters are the guide's).
+        """
+        if encoder is None:
+            raise ValueError("the EKVAE's belief conditions on a_t ~ q(a_t | x_t): pass the "
+                             "guide's encoder, belief_step(encoder=guide.encoder)")  # fmt: skip
+        H_, R_, prior, transition_fn = parameters()
+        encode = nets.register(encoder_name, encoder)
+        logits = nets.register("decoder", decoder)
+        head = reward_fn()
+
+        def init(batch_size):
+            return kalman.Gaussian(
+                jnp.broadcast_to(prior.mean, (batch_size, d)),
+                jnp.broadcast_to(prior.cov, (batch_size, d, d)),
+            )
+
+        def condition(belief, obs, mask, key):
+            del key
+            parts, seen = step_observations(obs, mask, names)
+            x = jnp.concatenate([parts[k] for k in names], axis=-1).astype(belief.mean.dtype)
+            a, _ = encode(x)
+            update = lambda b, a_t, m_t: ekf_update(b, a_t, H_, R_, m_t)[0]
+            return jax.vmap(update)(belief, a, jnp.all(seen, axis=-1))
+
+        def predict(belief, action, key):
+            del key
+            if not u:
+                return jax.vmap(lambda b: ekf_predict(transition_fn, b)[0])(belief)
+            a = jnp.asarray(action, belief.mean.dtype).reshape(belief.mean.shape[0], u)
+            return jax.vmap(lambda b, u_t: ekf_predict(transition_fn, b, u_t)[0])(belief, a)
+
+        def decode(f):
+            out = logits(jnp.einsum("ij,...j->...i", H_, f))  # the mean of x given a = H z
+            out = jax.nn.sigmoid(out) if likelihood == "bernoulli" else out
+            if not several:
+                return out
+            edges = np.cumsum([dims[k] for k in names])[:-1]
+            return dict(zip(names, jnp.split(out, edges, axis=-1), strict=True))
+
+        def filter_sequence(obs, actions, mask, key):
+            del key
+            x, observed = flatten(obs, mask)
+            a, _ = encode(jnp.where(observed[..., None], x, 0.0))
+            return filter_batch(transition_fn, prior, H_, R_, a, actions, observed).filtered
+
+        return BeliefStep(init, condition, predict, lambda b: b.mean, head, decode,
+                          filter_sequence)  # fmt: skip
+
     model.bound = bound
+    model.belief_step, model.flatten = belief_step, flatten
+    model.feature_size = d
+    model.obs_dims = dims
     model.auxiliary_site = "a"
     model.auxiliary_dim = p_a
     model.obs_dim = p
@@ -385,52 +516,6 @@ def ekvae(
     return model
 
 
-def ekvae_guide(
-    model,
-    *,
-    encoder: nnx.Module | None = None,
-    hidden: Sequence[int] = (128,),
-    seed: int = 1,
-):
-    """The EKVAE recognition model ``q(a | x) p(z | a)`` (Eq. 13) as a NumPyro guide:
-    :func:`inference.guides.auxiliary` on the EKF-linearised structure, plus
-    ``zeta ~ q(zeta | z_0)`` when the model has a VHP.
-
-    Args:
-        model: an :func:`ekvae` model.
-        encoder: NNX module ``x -> (loc, scale)`` of ``a`` (default
-            :class:`inference.guides.auxiliary.GaussianEncoder` with ``hidden`` layers), site
-            ``"encoder"``.
-
-    Returns:
-        ``guide(obs, actions=None, mask=None)`` with attributes ``encoder`` and
-        ``encoder_name``.
-    """
-    if encoder is None:
-        encoder = GaussianEncoder(model.obs_dim, model.auxiliary_dim, hidden, rngs=nnx.Rngs(seed))
-    base = auxiliary(model, encoder=encoder, name="encoder")
-
-    def auxiliary_posterior(obs, actions=None, mask=None) -> dist.Distribution:
-        """``q(a | x)`` of the guide's site ``"a"`` (batch ``(B,)``, event ``(T, p_a)``), as
-        :func:`inference.guides.auxiliary` builds it."""
-        n, T = obs.shape[:2]
-        observed = _per_step_mask(mask, n, T)
-        loc, scale = nets.register("encoder", encoder)(jnp.where(observed[..., None], obs, 0.0))
-        return dist.Normal(loc, scale).to_event(1).mask(observed).to_event(1)
-
-    def guide(obs, actions=None, mask=None):
-        z = base(obs, actions, mask)
-        if model.vhp is not None:
-            posterior_fn = nets.register("vhp_posterior", model.vhp.posterior)
-            with numpyro.plate("batch", obs.shape[0]):
-                sample_posterior(posterior_fn, z[:, 0])
-        return z
-
-    guide.encoder, guide.encoder_name = encoder, "encoder"
-    guide.auxiliary_posterior = auxiliary_posterior
-    return guide
-
-
 def infer_latents(
     model, guide, params: dict, obs, actions=None, mask=None, *, posterior: str = "smoother"
 ) -> kalman.Gaussian:
@@ -439,8 +524,7 @@ def infer_latents(
     ``objective.constrain(state.params)``)."""
     if posterior not in ("smoother", "filter"):
         raise ValueError(f"posterior must be 'smoother' or 'filter', got {posterior!r}")
-    n, T = obs.shape[:2]
-    observed = _per_step_mask(mask, n, T)
+    obs, observed = model.flatten(obs, mask)
     with handlers.block(), handlers.substitute(data=params):
         clean = jnp.where(observed[..., None], obs, 0.0)
         loc, _ = nets.register(guide.encoder_name, guide.encoder)(clean)
@@ -448,63 +532,3 @@ def infer_latents(
     if posterior == "filter":
         return jax.vmap(kalman.filter)(*s).filtered
     return jax.vmap(kalman.smoother)(*s).smoothed
-
-
-class EKVAEBound(RateDistortionELBO):
-    """The EKVAE's bound (Eqs. 15-18) as a :class:`inference.objectives.RateDistortion`.
-
-    ``a ~ q(a | x)`` comes from ``guide.auxiliary_posterior`` (:func:`ekvae_guide`) or else from
-    the guide's auxiliary site (any guide with one; the rest of such a guide is traced and then
-    compiled away), scored by ``log q(a | x)``; the rest is ``model.bound``.
-
-    Args:
-        num_particles: independent ``(a, z)`` samples averaged.
-        posterior: ``"smoother"`` (Eq. 17) or ``"filter"`` (App. A.6).
-        analytic: closed-form KLs where they exist.
-        scale: multiplies ``D`` and ``R`` (e.g. ``N / B`` for a minibatch estimate of the
-            full-data bound).
-    """
-
-    def __init__(
-        self,
-        num_particles: int = 1,
-        *,
-        posterior: str = "smoother",
-        analytic: bool = True,
-        scale: float = 1.0,
-    ):
-        if posterior not in ("smoother", "filter"):
-            raise ValueError(f"posterior must be 'smoother' or 'filter', got {posterior!r}")
-        super().__init__(num_particles=num_particles)
-        self.posterior, self.analytic, self.scale = posterior, analytic, scale
-
-    def rate_distortion(self, rng_key, param_map, model, guide, *args, **kwargs) -> dict:
-        for attribute in ("bound", "auxiliary_site"):
-            if not hasattr(model, attribute):
-                raise TypeError(f"EKVAEBound needs an EKVAE model (no `{attribute}`)")
-        site = model.auxiliary_site
-
-        def particle(key):
-            k_guide, k_bound = jax.random.split(key)
-            if hasattr(guide, "auxiliary_posterior"):
-                with handlers.block(), handlers.substitute(data=param_map):
-                    q = guide.auxiliary_posterior(*args, **kwargs)
-                a = q.rsample(k_guide)
-                log_q = jnp.sum(q.log_prob(a))
-            else:
-                with handlers.block():
-                    seeded = handlers.seed(handlers.substitute(guide, data=param_map), k_guide)
-                    tr = handlers.trace(seeded).get_trace(*args, **kwargs)
-                a = tr[site]["value"]
-                log_q = jnp.sum(tr[site]["fn"].log_prob(a))
-            with handlers.block(), handlers.substitute(data=param_map):
-                out = model.bound(k_bound, a, *args, posterior=self.posterior,
-                                  analytic=self.analytic, **kwargs)  # fmt: skip
-            return {"distortion": out["distortion"], "rate": log_q - out["log_p_a"],
-                    "rate_initial": -out["initial"], "rate_transition": -out["transition"],
-                    "posterior_kl": out["posterior_kl"], "log_q_a": log_q}  # fmt: skip
-
-        keys = jax.random.split(rng_key, self.num_particles)
-        out = jax.tree.map(lambda x: self.scale * jnp.mean(x, 0), jax.vmap(particle)(keys))
-        D, R = out.pop("distortion"), out.pop("rate")
-        return {"distortion": D, "rate": R, "metrics": out}

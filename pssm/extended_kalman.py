@@ -13,7 +13,9 @@ prediction step uses the linearisation *at the filtered mean*,
 and the update step is the exact Kalman update with the linear ``p(a_t | z_t) = N(H z_t, R)``.
 With the dynamics fixed at those points the model is a time-varying LGSSM whose Kalman filter
 *is* the EKF, and whose dense RTS smoother (:func:`inference.kalman.smoother`; here composed
-from the EKF's beliefs by :func:`extended_kalman_smoother`) is the extended smoother.
+from the EKF's beliefs by :func:`extended_kalman_smoother`) is the extended smoother. One step
+of the filter is :func:`ekf_update` then :func:`ekf_predict`: the filter scans them and the
+EKVAE's online belief step (``pssm.ekvae``, ``model.belief_step``) calls them.
 
 **Bound** (Eqs. 16-18, ``smoother`` version; the ``filter`` version of App. A.6 replaces the
 smoothed marginals ``q_t`` by the filtered ``f_t`` and its log-ratio term vanishes):
@@ -100,12 +102,28 @@ def extended_kalman_filter(
 
     def step(pred, xs):
         a_t, m_t, u_t = xs
-        filt, ll = kalman.update(pred, a_t, R, mask=m_t, H=H)  # a missing a_t: unchanged, 0
-        F, b, _, Q = apply_transition(transition, filt.mean, None if actions is None else u_t)
-        return kalman.predict(filt, kalman.Dynamics(F, b, Q)), (pred, filt, F, b, Q, ll)
+        filt, ll = ekf_update(pred, a_t, H, R, m_t)
+        nxt, dyn = ekf_predict(transition, filt, None if actions is None else u_t)
+        return nxt, (pred, filt, *dyn, ll)
 
     _, (pred, filt, F, b, Q, lls) = jax.lax.scan(step, prior, (a, mask, u))
     return EKFResult(pred, filt, kalman.Dynamics(F[:-1], b[:-1], Q[:-1]), lls)
+
+
+def ekf_update(belief: kalman.Gaussian, a_t, H, R, mask_t=None):
+    """The EKF's update on one ``a_t ~ N(H z_t, R)`` (one belief ``(d,), (d, d)``): the exact
+    Kalman update :func:`inference.kalman.update`; a missing ``a_t`` (``mask_t`` false) leaves
+    the belief unchanged with log-likelihood 0. Returns ``(filtered, log-likelihood)``."""
+    return kalman.update(belief, a_t, R, mask=mask_t, H=H)
+
+
+def ekf_predict(transition: Transition, belief: kalman.Gaussian, u_t=None):
+    """The EKF's prediction (one belief): ``[F, B, Q]`` at the filtered mean (and ``u_t``),
+    then :func:`inference.kalman.predict`, ``N(F m + B u, F P F^T + Q)``. Returns
+    ``(predicted, kalman.Dynamics(F, B u, Q))``."""
+    F, b, _, Q = apply_transition(transition, belief.mean, u_t)
+    dynamics = kalman.Dynamics(F, b, Q)
+    return kalman.predict(belief, dynamics), dynamics
 
 
 def extended_kalman_smoother(ekf: EKFResult) -> kalman.Gaussian:
@@ -173,7 +191,8 @@ def auxiliary_bound(
 
     Returns:
         ``{"bound": scalar, "initial": scalar, "transition": (T-1,) log p(a_t | z_{t-1}) terms,
-        "posterior_kl": (T-1,) log q - log f terms}`` (masked terms are 0).
+        "posterior_kl": (T-1,) log q - log f terms, "z": (T, d) the sample of q}`` (masked
+        terms are 0).
     """
     if posterior not in ("smoother", "filter"):
         raise ValueError(f"posterior must be 'smoother' or 'filter', got {posterior!r}")
@@ -209,4 +228,5 @@ def auxiliary_bound(
     initial = jnp.where(mask[0], initial, 0.0)
     trans, ratio = jnp.where(mask[1:], trans, 0.0), jnp.where(mask[1:], ratio, 0.0)
     bound = initial + jnp.sum(trans - ratio)
-    return {"bound": bound, "initial": initial, "transition": trans, "posterior_kl": ratio}
+    return {"bound": bound, "initial": initial, "transition": trans, "posterior_kl": ratio,
+            "z": z}  # fmt: skip

@@ -28,14 +28,29 @@ LGSSM ``model.structure`` returns (``inference.kalman`` stacks the sensors and a
 information). The guide is ``inference.guides.backward_sampling``:
 ``q(z_{T-1} | o) prod_t q(z_t | z_{t+1}, o_{0:t})`` (Eq. 4-5, Theorem 3). The paper trains it with a
 Monte Carlo KL of the whole path from many backward samples and the reconstruction from one
-(:func:`path_kl_elbo`, :class:`PathKLELBO`); the model is time-invariant, so a filter trained on
-length-5 sequences runs on sequences of any length (:func:`filter_beliefs`).
+(:func:`inference.objectives.path_kl_elbo`, :class:`inference.objectives.PathKLELBO`); the
+model is time-invariant, so a filter trained on length-5 sequences runs on sequences of any
+length (:func:`filter_beliefs`).
+
+**Vector sensors and acting.** The nonlinear sensor need not be an image: ``obs_dims`` (one
+vector, or ``{modality: p_k}``, e.g. dm_control states) gives each modality ``k`` its own
+encoder ``mu_k`` and matrix ``L_k``, the same information form ``N_info(Lambda_k mu_k(x),
+Lambda_k)`` (the paper's "nonlinear sensing modality j", Sec. 4.1.1), fused with the others by
+adding information. ``reward=True`` adds a head ``rew_t ~ N(head(z_{t+1}), 1)``. The belief step
+(:mod:`pssm.belief`, ``model.belief_step()``) is the dense Kalman filter of the latent LGSSM,
+one step at a time: ``condition`` is :func:`inference.kalman.update` on the step's stacked
+sensors, ``predict`` is :func:`inference.kalman.predict` through ``z' = A z + B a + w``. The
+sensors of a step and the dynamics of an action come from the same two functions for the
+belief step and for ``model.structure`` (whose sequential Kalman filter scans those very
+``update`` / ``predict``), so :func:`filter_beliefs` and the online filter are one
+implementation.
 
 Time and batch conventions in :mod:`pssm.core`; observed sites ``"obs_image"`` and
 ``"obs_<sensor>"``.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,16 +60,20 @@ import numpyro.distributions as dist
 from flax import nnx
 from numpyro import handlers
 from numpyro.distributions import constraints
-from numpyro.infer.elbo import ELBO
 
 from inference import kalman
 
 from . import nets
+from .belief import BeliefStep
 from .core import Structure, linear_gaussian, sample_latent_path
-from .locally_linear import Inputs, observation_sites, prepare_inputs
+from .locally_linear import Inputs, modalities, observation_sites, prepare_inputs
+from .observations import step_observations
+from .rssm import score_rewards
 
 IMAGE = "image"
 _LEARNABLE = ("A", "B", "Sigma_w")
+
+__all__ = ["IMAGE", "Networks", "filter_beliefs", "image_posterior", "lvssf"]
 
 
 def _matrix(name, x, shape=None) -> jnp.ndarray:
@@ -70,13 +89,35 @@ def _check_covariance(name, x) -> None:
         raise ValueError(f"{name} must be symmetric positive definite")
 
 
+class Networks(NamedTuple):
+    """An L-VSSF's parameters as registered (or substituted) values and pure functions.
+
+    Attributes:
+        encoders: ``{nonlinear sensor: x (..., p_k) -> mu (..., d)}`` (bounded means).
+        pseudo_cov: ``{nonlinear sensor: L_k L_k^T + eps I}`` ``(d, d)``, the covariance of the
+            pseudo-observation ``mu_k = z + N(0, Lambda_k^-1)``.
+        decoders: ``{nonlinear sensor: z (..., d) -> mean (..., p_k)}``.
+        reward: ``z (..., d) -> (...)`` or ``None`` without a reward head.
+        A, B, Q: the dynamics ``z' = A z + B a + N(0, Q)`` (``B`` ``None`` without actions).
+    """
+
+    encoders: dict[str, Callable]
+    pseudo_cov: dict[str, jax.Array]
+    decoders: dict[str, Callable]
+    reward: Callable | None
+    A: jax.Array
+    B: jax.Array | None
+    Q: jax.Array
+
+
 def lvssf(
-    image_dim: int,
+    image_dim: int | None = None,
     *,
     A,
     prior_cov,
     Sigma_w,
     B=None,
+    obs_dims: int | Mapping[str, int] | None = None,
     linear_sensors: Mapping[str, object] | None = None,
     linear_noise: float | Mapping[str, object] = 0.05,
     learn: Sequence[str] = (),
@@ -85,38 +126,54 @@ def lvssf(
     init_L: float = 0.1,
     min_cov: float = 1e-3,
     mean_bound: float = 10.0,
+    reward: bool = False,
     name: str = "lvssf",
     seed: int = 0,
 ):
     """Build an L-VSSF model (equations in the module docstring).
 
     Args:
-        image_dim: pixels per (flattened) image ``p``.
+        image_dim: pixels per (flattened) image ``p``: one nonlinear sensor named ``"image"``
+            (``obs`` a dict). Give either this or ``obs_dims``.
         A: ``(d, d)`` transition matrix (the initial value when learned).
         prior_cov: ``(d, d)`` fixed prior covariance ``Sigma_z`` of every ``z_t``.
         Sigma_w: ``(d, d)`` transition noise covariance.
         B: ``(d, u)`` control matrix, or ``None`` for a model without actions.
-        linear_sensors: ``{name: C_j}`` with ``C_j`` of shape ``(p_j, d)``.
+        obs_dims: the nonlinear vector sensors instead of an image: one size ``p`` (``obs`` is
+            then an array ``(B, T, p)``, site ``"obs"``) or ``{modality: p_k}`` (``obs`` a dict,
+            sites ``"obs_<modality>"``), each with its own MLP encoder, decoder and ``L_k``.
+        linear_sensors: ``{name: C_j}`` with ``C_j`` of shape ``(p_j, d)`` (needs ``obs`` to be
+            a dict: an image or a mapping ``obs_dims``).
         linear_noise: ``Sigma_j`` as a variance (``v I``) or a ``(p_j, p_j)`` matrix, one for
             all sensors or a dict per sensor (paper: ``0.05 I``).
         learn: any of ``"A", "B", "Sigma_w"`` (parameter sites ``"<name>_A"``, ...).
-        hidden: widths of the encoder's and decoder's hidden layers (GELU MLPs).
-        decoder_var: the image likelihood's fixed variance ``sigma_x^2`` per pixel.
+        hidden: widths of the encoders' and decoders' hidden layers (GELU MLPs) and the reward
+            head's.
+        decoder_var: the nonlinear sensors' fixed likelihood variance ``sigma_x^2`` per entry.
         init_L, min_cov: ``L`` starts at ``init_L * I``; ``eps = min_cov`` (covariance floor of
             the pseudo-observation, so ``Lambda <= I / eps``).
         mean_bound: the encoder mean is ``mean_bound * tanh(net(x) / mean_bound)``.
+        reward: add a reward head; the model then scores ``rewards[:, t]`` against ``z_{t+1}``
+            (:func:`pssm.rssm.score_rewards`).
         name: prefix of the parameter sites (``"<name>_encoder$params"``,
-            ``"<name>_decoder$params"``, ``"<name>_L"``, ``"<name>_A"``, ...).
+            ``"<name>_decoder$params"``, ``"<name>_L"`` for a single nonlinear sensor, with a
+            suffix ``"_<modality>"`` for several; ``"<name>_reward$params"``, ``"<name>_A"``,
+            ...).
         seed: initialisation of the network weights.
 
     Returns:
-        ``model(obs, actions=None, mask=None)`` with ``obs = {"image": (B, T, p), sensor:
-        (B, T, p_j), ...}`` and ``mask`` ``(B, T)`` or ``(B, T, K)`` (sensor order
-        ``model.sensors``), latent sites ``"z_0"``, ``"z"``; it carries ``model.structure``
-        (for ``backward_sampling``), ``model.image_posterior`` (``q(z | x)`` in information
-        form), ``model.sensors``, ``model.latent_dim``, ``model.action_dim`` and
-        ``model.prior_cov``.
+        ``model(obs, actions=None, mask=None, rewards=None)`` with ``obs = {"image": (B, T, p),
+        sensor: (B, T, p_j), ...}`` (or as ``obs_dims`` says) and ``mask`` ``(B, T)`` or ``(B, T,
+        K)`` (sensor order ``model.sensors``: nonlinear sensors, then linear ones), latent sites
+        ``"z_0"``, ``"z"``; it carries ``model.structure`` (for ``backward_sampling``),
+        ``model.filter`` (the filter's :class:`inference.kalman.FilterResult`),
+        ``model.belief_step()`` (:mod:`pssm.belief`), ``model.networks()``,
+        ``model.image_posterior`` (``q(z | x)`` of the first nonlinear sensor in information
+        form), ``model.sensors``, ``model.latent_dim``, ``model.feature_size`` (``d``: the
+        features are the belief mean), ``model.action_dim`` and ``model.prior_cov``.
     """
+    if (image_dim is None) == (obs_dims is None):
+        raise ValueError("give exactly one of image_dim (an image sensor) and obs_dims")
     learn = set(learn)
     if learn - set(_LEARNABLE):
         raise ValueError(f"learn must be a subset of {_LEARNABLE}, got {sorted(learn)}")
@@ -133,11 +190,17 @@ def lvssf(
     if "B" in learn and B0 is None:
         raise ValueError("learn contains 'B' but the model has no control matrix B")
     u = 0 if B0 is None else B0.shape[1]
+    nonlinear = {IMAGE: int(image_dim)} if image_dim is not None else modalities(obs_dims)
+    if not all(isinstance(p, int) for p in nonlinear.values()):
+        raise ValueError(f"the nonlinear sensors take flat vectors, got shapes {nonlinear}")
+    one_array = obs_dims is not None and not isinstance(obs_dims, Mapping)
     linear_sensors = dict(linear_sensors or {})
-    if IMAGE in linear_sensors:
-        raise ValueError(f"{IMAGE!r} is the image sensor's name; rename the linear sensor")
+    if linear_sensors and one_array:
+        raise ValueError("linear sensors need obs as a dict: give obs_dims as {modality: p}")
     Cs, noises = {}, {}
     for k, C in linear_sensors.items():
+        if k in nonlinear:
+            raise ValueError(f"{k!r} is a nonlinear sensor's name; rename the linear sensor")
         C = _matrix(f"linear_sensors[{k!r}]", C)
         if C.shape[1] != d:
             raise ValueError(f"linear_sensors[{k!r}] has shape {C.shape}, expected (p, {d})")
@@ -149,205 +212,174 @@ def lvssf(
         Cs[k], noises[k] = C, R
     if not (init_L > 0 and min_cov > 0 and mean_bound > 0 and decoder_var > 0):
         raise ValueError("init_L, min_cov, mean_bound and decoder_var must be positive")
-    dims = {IMAGE: int(image_dim), **{k: C.shape[0] for k, C in Cs.items()}}
-    sites = observation_sites(dims)
+    dims = {**nonlinear, **{k: C.shape[0] for k, C in Cs.items()}}
+    spec = nonlinear["obs"] if one_array else dims  # what prepare_inputs and the sites read
+    sites = observation_sites(spec)
+    names = list(dims)
     widths = (int(hidden),) if isinstance(hidden, int) else tuple(int(h) for h in hidden)
     rngs = nnx.Rngs(seed)
-    encoder = nets.MLP(image_dim, widths, d, activation=nnx.gelu, rngs=rngs)
-    decoder = nets.MLP(d, widths, image_dim, activation=nnx.gelu, rngs=rngs)
+    encoders, decoders = {}, {}
+    for k, p in nonlinear.items():
+        encoders[k] = nets.MLP(p, widths, d, activation=nnx.gelu, rngs=rngs)
+        decoders[k] = nets.MLP(d, widths, p, activation=nnx.gelu, rngs=rngs)
+    reward_head = nets.MLP(d, widths, 1, activation=nnx.gelu, rngs=rngs) if reward else None
+    suffix = (lambda k: "") if len(nonlinear) == 1 else (lambda k: f"_{k}")
     eye = jnp.eye(d, dtype=P0.dtype)
 
-    def dynamics():
+    def networks() -> Networks:
+        """Register every parameter site (inside the caller's handlers) and return them."""
+        enc, cov, dec = {}, {}, {}
+        for k in nonlinear:
+            net = nets.register(f"{name}_encoder{suffix(k)}", encoders[k])
+            enc[k] = lambda x, net=net: mean_bound * jnp.tanh(net(x) / mean_bound)
+            L = numpyro.param(f"{name}_L{suffix(k)}", init_L * eye)
+            cov[k] = L @ L.T + min_cov * eye
+            dec[k] = nets.register(f"{name}_decoder{suffix(k)}", decoders[k])
+        head = None
+        if reward_head is not None:
+            head_fn = nets.register(f"{name}_reward", reward_head)
+            head = lambda z: head_fn(z)[..., 0]
         A_ = numpyro.param(f"{name}_A", A0) if "A" in learn else A0
         B_ = numpyro.param(f"{name}_B", B0) if "B" in learn else B0
         Q_ = Q0
         if "Sigma_w" in learn:
             Q_ = numpyro.param(f"{name}_Sigma_w", Q0, constraint=constraints.positive_definite)
-        return A_, B_, Q_
+        return Networks(enc, cov, dec, head, A_, B_, Q_)
 
-    def prior_chain(x: Inputs) -> tuple[kalman.Gaussian, kalman.Dynamics]:
-        n, T = x.mask.shape[:2]
-        A_, B_, Q_ = dynamics()
-        b = jnp.zeros((n, T - 1, d), P0.dtype)
-        if u:
-            b = jnp.einsum("du,ntu->ntd", B_, x.actions[:, :-1])
-        tv = lambda M: jnp.broadcast_to(M, (n, T - 1, d, d))
-        prior = kalman.Gaussian(jnp.zeros((n, d), P0.dtype), jnp.broadcast_to(P0, (n, d, d)))
-        return prior, kalman.Dynamics(tv(A_), b, tv(Q_))
+    def sensor_emissions(n: Networks, obs: Mapping, mask) -> kalman.Emissions:
+        """The dense emissions of the sensors ``obs`` ``{k: (..., p_k)}`` with ``mask``
+        ``(..., K)``: the pseudo-observations ``mu_k = z + N(0, L_k L_k^T + eps I)`` of the
+        nonlinear sensors and ``y_j = C_j z + N(0, Sigma_j)`` of the linear ones, stacked
+        (block-diagonal ``R``, per-row mask), each leaf with the leading axes ``(...)``. One
+        step of an online filter (leading ``(B,)``) or whole sequences (``(B, T)``)."""
+        lead = jnp.shape(mask)[:-1]
+        flat = lambda x: jnp.reshape(x, (-1, *jnp.shape(x)[len(lead) :]))
+        m = flat(jnp.asarray(mask).astype(P0.dtype))
+        sensors = []
+        for j, k in enumerate(names):
+            if k in nonlinear:
+                mu = flat(n.encoders[k](obs[k]))
+                sensors.append(kalman.Emissions(mu, n.pseudo_cov[k], m[:, j], eye))
+            else:
+                sensors.append(kalman.Emissions(flat(obs[k]), noises[k], m[:, j], Cs[k]))
+        stacked = kalman.stack_sensors(sensors)
+        return jax.tree.map(lambda x: jnp.reshape(x, (*lead, *x.shape[1:])), stacked)
 
-    def pseudo_observation(images):
-        """``(mu, L L^T + eps I)``: ``q(z | x) / p(z)`` as a latent observation of ``z``."""
-        raw = nets.register(f"{name}_encoder", encoder)(images)
-        mu = mean_bound * jnp.tanh(raw / mean_bound)
-        L = numpyro.param(f"{name}_L", init_L * eye)
-        return mu, L @ L.T + min_cov * eye
+    def transition(n: Networks, actions) -> kalman.Dynamics:
+        """``(A, B a, Sigma_w)`` for actions ``(..., u)`` (``b = 0`` without actions), ``A`` and
+        ``Q`` broadcast to the leading axes of ``actions``."""
+        lead = jnp.shape(actions)[:-1]
+        b = jnp.zeros((*lead, d), P0.dtype) if not u else jnp.einsum("du,...u->...d", n.B, actions)
+        tv = lambda M: jnp.broadcast_to(M, (*lead, d, d))
+        return kalman.Dynamics(tv(n.A), b, tv(n.Q))
 
-    def image_posterior(images):
-        """``q(z_t | x_t)`` in information form: ``(eta, J) = (Lambda mu, Lambda + Sigma_z^-1)``
-        with ``eta`` of shape ``(..., d)`` and ``J`` ``(d, d)``."""
-        mu, R = pseudo_observation(images)
-        Lam = jnp.linalg.inv(R)
-        return jnp.einsum("ij,...j->...i", Lam, mu), Lam + jnp.linalg.inv(P0)
-
-    def emissions(x: Inputs) -> kalman.Emissions:
-        mu, R_img = pseudo_observation(x.obs[IMAGE])
-
-        def one(mu_s, ys, m):
-            sensors = [kalman.Emissions(mu_s, R_img, m[:, 0], eye)]
-            for j, (k, y) in enumerate(ys.items(), start=1):
-                sensors.append(kalman.Emissions(y, noises[k], m[:, j], Cs[k]))
-            return kalman.stack_sensors(sensors)
-
-        ys = {k: x.obs[k] for k in Cs}
-        return jax.vmap(one)(mu, ys, x.mask.astype(mu.dtype))
+    def initial(batch_size: int) -> kalman.Gaussian:
+        """The time-invariant prior ``N(0, Sigma_z)`` of ``z_0``, batched."""
+        return kalman.Gaussian(
+            jnp.zeros((batch_size, d), P0.dtype), jnp.broadcast_to(P0, (batch_size, d, d))
+        )
 
     def inputs(obs, actions, mask) -> Inputs:
         if u and actions is None:
             raise ValueError(f"this model has a control matrix B: pass actions (B, T, {u})")
-        return prepare_inputs(dims, u, obs, actions if u else None, mask)
+        return prepare_inputs(spec, u, obs, actions if u else None, mask)
+
+    def chain(x: Inputs, n: Networks) -> tuple[kalman.Gaussian, kalman.Dynamics]:
+        B_, T = x.mask.shape[:2]
+        actions = jnp.zeros((B_, T, 0), P0.dtype) if x.actions is None else x.actions
+        return initial(B_), transition(n, actions[:, :-1].astype(P0.dtype))
+
+    def structure_of(x: Inputs, n: Networks) -> Structure:
+        return Structure(*chain(x, n), sensor_emissions(n, x.obs, x.mask))
 
     def structure(obs, actions=None, mask=None) -> Structure:
-        x = inputs(obs, actions, mask)
-        prior, dyn = prior_chain(x)
-        return Structure(prior, dyn, emissions(x))
+        return structure_of(inputs(obs, actions, mask), networks())
+
+    def filter_result(obs, actions=None, mask=None) -> kalman.FilterResult:
+        """The sequential Kalman filter of every sequence (it scans ``kalman.predict`` and
+        ``kalman.update``, the belief step's functions)."""
+        return jax.vmap(kalman.filter)(*structure(obs, actions, mask))
+
+    def image_posterior(images, sensor: str | None = None):
+        """``q(z_t | x_t)`` in information form: ``(eta, J) = (Lambda mu, Lambda + Sigma_z^-1)``
+        with ``eta`` of shape ``(..., d)`` and ``J`` ``(d, d)``, of the nonlinear sensor
+        ``sensor`` (default: the first, e.g. ``"image"``)."""
+        k = names[0] if sensor is None else sensor
+        n = networks()
+        Lam = jnp.linalg.inv(n.pseudo_cov[k])
+        return jnp.einsum("ij,...j->...i", Lam, n.encoders[k](images)), Lam + jnp.linalg.inv(P0)
+
+    def belief_step() -> BeliefStep:
+        """The online filter (:mod:`pssm.belief`): the belief is the filtered ``N(m, P)``
+        (``(B, d)``, ``(B, d, d)``); ``condition`` is :func:`inference.kalman.update` on the
+        step's stacked sensors, ``predict`` :func:`inference.kalman.predict` through ``z' = A z
+        + B a + w`` (no sampling), features the mean; ``filter`` the model's Kalman filter."""
+        n = networks()
+
+        def condition(belief, obs, mask, key):
+            del key
+            obs, seen = step_observations(obs, mask, names)
+            obs = {k: o.astype(P0.dtype) for k, o in obs.items()}
+            e = sensor_emissions(n, obs, seen)
+            return jax.vmap(lambda b, w, R, m, H: kalman.update(b, w, R, m, H)[0])(belief, *e)
+
+        def predict(belief, action, key):
+            del key
+            a = jnp.asarray(action, P0.dtype).reshape(belief.mean.shape[0], u)
+            return jax.vmap(kalman.predict)(belief, transition(n, a))
+
+        def decode(f):
+            out = {k: n.decoders[k](f) for k in nonlinear}
+            out |= {k: jnp.einsum("pd,...d->...p", C, f) for k, C in Cs.items()}
+            return out["obs"] if one_array else out
+
+        def filter_sequence(obs, actions, mask, key):
+            del key
+            x = inputs(obs, actions, mask)
+            return jax.vmap(kalman.filter)(*structure_of(x, n)).filtered
+
+        return BeliefStep(
+            initial, condition, predict, lambda b: b.mean, n.reward, decode, filter_sequence
+        )
 
     @linear_gaussian(structure)
-    def model(obs, actions=None, mask=None):
+    def model(obs, actions=None, mask=None, rewards=None):
         x = inputs(obs, actions, mask)
-        z = sample_latent_path(*prior_chain(x))
+        n = networks()
+        z = sample_latent_path(*chain(x, n))
         for j, (k, y) in enumerate(x.obs.items()):
-            if k == IMAGE:
-                mean = nets.register(f"{name}_decoder", decoder)(z)
-                likelihood = dist.Normal(mean, np.sqrt(decoder_var)).to_event(1)
+            if k in nonlinear:
+                likelihood = dist.Normal(n.decoders[k](z), np.sqrt(decoder_var)).to_event(1)
             else:
                 mean = jnp.einsum("pd,ntd->ntp", Cs[k], z)
                 likelihood = dist.MultivariateNormal(mean, covariance_matrix=noises[k])
             with numpyro.plate("batch", y.shape[0]):
                 numpyro.sample(sites[k], likelihood.mask(x.mask[..., j]).to_event(1), obs=y)
+        if rewards is not None:
+            if n.reward is None:
+                raise ValueError("this L-VSSF has no reward head: build it with reward=True")
+            score_rewards(rewards, z, lambda f: n.reward(f)[..., None])
         return z
 
     model.image_posterior = image_posterior
+    model.filter, model.networks, model.belief_step = filter_result, networks, belief_step
     model.sensors = tuple(dims)
-    model.latent_dim, model.action_dim, model.prior_cov = d, u, P0
+    model.latent_dim = model.feature_size = d
+    model.action_dim, model.prior_cov = u, P0
+    model.obs_dims = dims
     return model
 
 
 def filter_beliefs(model, params: dict, obs, actions=None, mask=None) -> kalman.FilterResult:
     """The L-VSSF filter ``q(z_t | o_{0:t})`` of every sequence (leading batch axis), with the
     model's parameters substituted from ``params`` (constrained values, e.g.
-    ``objective.constrain(state.params)``). Works for any sequence length and sensor mask."""
+    ``objective.constrain(state.params)``). Works for any sequence length and sensor mask.
+    ``model.filter``: the same Kalman steps as the belief step's ``condition`` / ``predict``."""
     with handlers.block(), handlers.substitute(data=params):
-        s = model.structure(obs, actions, mask)
-    return jax.vmap(kalman.filter)(*s)
+        return model.filter(obs, actions, mask)
 
 
 def image_posterior(model, params: dict, images) -> tuple[jax.Array, jax.Array]:
     """``q(z | x)`` of the image encoder in information form ``(eta, J)`` at ``params``."""
     with handlers.block(), handlers.substitute(data=params):
         return model.image_posterior(images)
-
-
-# --- the paper's objective: Monte Carlo KL of the whole path -----------------------------------
-
-
-def _log_prob(site) -> jax.Array:
-    fn, value = site["fn"], site["value"]
-    lp = fn.log_prob(value, site["intermediates"]) if site["intermediates"] else fn.log_prob(value)
-    if site["scale"] is not None:
-        lp = site["scale"] * lp
-    return jnp.sum(lp)
-
-
-def _latent_sites(tr) -> list[str]:
-    return [n for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]]
-
-
-def path_kl_elbo(
-    key: jax.Array, params: dict, model, guide, *args, num_kl_samples: int = 64, **kwargs
-) -> tuple[jax.Array, dict]:
-    """The VSSF objective (paper Eq. 3 as its code estimates it): ``loss = -(recon - KL)`` with
-
-        KL    = 1/N sum_n [log q(z^n_{0:T-1} | o) - log p(z^n_{0:T-1} | a)],   z^n ~ q,
-        recon = log p(o | z^1_{0:T-1})                     (one of the same N paths),
-
-    for any NumPyro ``model`` and ``guide`` (here ``backward_sampling(model)``): ``log q`` sums
-    the guide's sample sites, ``log p`` the model's sites of the same names (the latent
-    path), ``recon`` the model's other (observed) sites. Many paths reduce the variance of the
-    KL for the price of cheap Kalman samples; the decoder runs once. With ``N = 1`` this is
-    one particle of ``Trace_ELBO``. Sums over the batch like NumPyro's ELBOs.
-
-    Args:
-        key: PRNG key.
-        params: constrained parameter values by site name.
-        model, guide: NumPyro programs sharing the latent sites.
-        *args, **kwargs: their arguments (data).
-        num_kl_samples: ``N``.
-
-    Returns:
-        ``(loss, metrics)`` with metrics ``elbo``, ``recon``, ``kl`` and ``kl_se`` (Monte Carlo
-        standard error of ``KL``).
-    """
-    if num_kl_samples < 1:
-        raise ValueError(f"num_kl_samples must be >= 1, got {num_kl_samples}")
-    guide_key, model_key = jax.random.split(key)
-    guide_ = handlers.substitute(guide, data=params)
-    model_ = handlers.substitute(model, data=params)
-
-    def draw(k):
-        tr = handlers.trace(handlers.seed(guide_, k)).get_trace(*args, **kwargs)
-        latent = {n: tr[n]["value"] for n in _latent_sites(tr)}
-        if not latent:
-            raise ValueError("the guide samples no latent sites")
-        return latent, sum((_log_prob(tr[n]) for n in latent), jnp.zeros(()))
-
-    def model_trace(latent):
-        conditioned = handlers.condition(handlers.seed(model_, model_key), data=latent)
-        tr = handlers.trace(conditioned).get_trace(*args, **kwargs)
-        missing = [n for n in latent if n not in tr]
-        model_only = _latent_sites(tr)
-        if missing or model_only:
-            raise ValueError(
-                f"guide and model must share their latent sites: guide-only {missing}, "
-                f"model-only {model_only}"
-            )
-        return tr
-
-    latents, log_q = jax.vmap(draw)(jax.random.split(guide_key, num_kl_samples))
-    # only the latent sites' densities leave the vmapped trace: under jit the batched decoder
-    # is dead code and removed
-    log_p = jax.vmap(lambda z: sum(_log_prob(s) for n, s in model_trace(z).items() if n in z))(
-        latents
-    )
-    first = jax.tree.map(lambda x: x[0], latents)
-    tr = model_trace(first)
-    observed = [n for n, s in tr.items() if s["type"] == "sample" and n not in first]
-    recon = sum((_log_prob(tr[n]) for n in observed), jnp.zeros(()))
-    diff = log_q - log_p
-    kl = jnp.mean(diff)
-    se = jnp.std(diff) / np.sqrt(num_kl_samples) if num_kl_samples > 1 else jnp.zeros(())
-    elbo = recon - kl
-    return -elbo, {"elbo": elbo, "recon": recon, "kl": kl, "kl_se": se}
-
-
-class PathKLELBO(ELBO):
-    """:func:`path_kl_elbo` as a NumPyro ELBO reporting metrics (the
-    ``inference.training.MetricsELBO`` protocol), for ``training.elbo_objective`` / ``fit``.
-
-    Args:
-        num_kl_samples: backward-sampled paths for the KL (the official code uses 1024).
-    """
-
-    def __init__(self, num_kl_samples: int = 64):
-        if num_kl_samples < 1:
-            raise ValueError(f"num_kl_samples must be >= 1, got {num_kl_samples}")
-        super().__init__(num_particles=1)
-        self.num_kl_samples = int(num_kl_samples)
-
-    def loss_with_metrics(self, rng_key, param_map, model, guide, *args, **kwargs) -> dict:
-        loss, metrics = path_kl_elbo(
-            rng_key, param_map, model, guide, *args, num_kl_samples=self.num_kl_samples, **kwargs
-        )
-        return {"loss": loss, "metrics": metrics, "mutable_state": None}
-
-    def loss(self, rng_key, param_map, model, guide, *args, **kwargs):
-        return self.loss_with_metrics(rng_key, param_map, model, guide, *args, **kwargs)["loss"]

@@ -11,8 +11,9 @@ from flax import nnx
 from numpyro import handlers
 
 from inference import kalman, objectives, training
-from inference.objectives import VHP, vhp_bound
-from pssm.ekvae import EKVAEBound, NeuralLinearisation, ekvae, ekvae_guide, infer_latents
+from inference.guides import ekvae_guide
+from inference.objectives import VHP, EKVAEBound, vhp_bound
+from pssm.ekvae import NeuralLinearisation, ekvae, infer_latents
 from pssm.extended_kalman import auxiliary_bound, extended_kalman_filter, extended_kalman_smoother
 from pssm.lgssm import lgssm
 from tests.kalman_reference import DenseModel, condition
@@ -404,3 +405,74 @@ def test_ekvae_with_vhp_trains_under_rewo():
     assert phase[0] == 1.0 and phase[-1] == 0.0
     assert np.isnan(d0[50]) and np.isfinite(d0[-1])
     assert np.all(np.isfinite(np.asarray(metrics["lagrange_multiplier"])))
+
+
+# ---- acting: the belief step and the world model ------------------------------------------------
+
+
+def test_belief_step_observed_step_by_step_equals_the_models_filter():
+    """The EKF belief of ``model.belief_step(encoder=guide.encoder)``, conditioned on the
+    encoder means and predicted through the actions step by step (a missing step included),
+    equals the filtered beliefs of the model's EKF (``infer_latents(posterior="filter")``: the
+    Kalman filter of the structure the EKF linearised), in float64."""
+    model = ekvae(5, PA, D, action_dim=U, num_bases=3, transition_hidden=(8,),
+                  decoder_hidden=(8,), likelihood="gaussian", seed=2)  # fmt: skip
+    guide = ekvae_guide(model, hidden=(8,), seed=3)
+    pure = lambda m: nnx.to_pure_dict(nnx.state(m, nnx.Param))
+    params = {"encoder$params": pure(guide.encoder), "decoder$params": pure(model.decoder_net),
+              "transition$params": pure(model.transition_net)}  # fmt: skip
+    rng = np.random.default_rng(5)
+    n = 3
+    x = rng.normal(size=(n, T, 5))
+    u = rng.normal(size=(n, T, U))
+    mask = np.ones((n, T), bool)
+    mask[1, 2] = mask[2, 4] = False
+    x[1, 2] = np.nan  # a missing step's entries may hold anything
+    with handlers.substitute(data=params):
+        step = model.belief_step(encoder=guide.encoder)
+    b, key = step.init(n), jax.random.key(0)
+    means, covs = [], []
+    for t in range(T):
+        b = step.condition(b, x[:, t], mask[:, t], key)
+        means.append(b.mean)
+        covs.append(b.cov)
+        b = step.predict(b, u[:, t], key)
+    ref = infer_latents(model, guide, params, x, u, mask, posterior="filter")
+    assert ref.mean.dtype == jnp.float64
+    np.testing.assert_allclose(np.stack(means, 1), ref.mean, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(np.stack(covs, 1), ref.cov, rtol=1e-8, atol=1e-10)
+    whole = step.filter(x, u, mask, key)
+    np.testing.assert_allclose(whole.mean, ref.mean, rtol=1e-8, atol=1e-10)
+    assert step.reward is None and step.features(b).shape == (n, D)
+
+
+def test_ekvae_world_model_on_state_vectors_trains_and_acts():
+    from rl.world_model import filter_sequence
+    from rl.world_models.ekvae import ekvae_world_model
+
+    B, n_u = 4, 2
+    dims = {"position": 3, "velocity": 2}
+    rng = np.random.default_rng(0)
+    data = {
+        "obs": {k: rng.normal(size=(B, T, p)) for k, p in dims.items()},
+        "actions": rng.uniform(-1, 1, size=(B, T, n_u)),
+        "rewards": rng.normal(size=(B, T)),
+        "mask": np.ones((B, T, 2), bool),
+    }
+    wm = ekvae_world_model(dims, n_u, latent_dim=4, hidden=8, seed=0, num_bases=2)
+    state, history = training.fit(wm.objective, data, optax.adam(1e-3), num_steps=3,
+                                  batch_size=B, key=jax.random.key(0), steps_per_call=3,
+                                  progress=False)  # fmt: skip
+    assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
+    assert all(np.isfinite(h["reward_nll"]) and h["reward_nll"] > 0 for h in history)
+    params, key = wm.objective.constrain(state.params), jax.random.key(1)
+    b = wm.init_belief(params, B)
+    b = wm.observe(params, key, b, {k: v[:, 0] for k, v in data["obs"].items()}, None)
+    b = wm.imagine(params, key, b, data["actions"][:, 0])
+    f = wm.features(params, b)
+    assert f.shape == (B, wm.feature_size) == (B, 4) and wm.action_dim == n_u
+    assert wm.reward(params, f).shape == (B,)
+    decoded = {k: v.shape for k, v in wm.decode(params, f).items()}
+    assert decoded == {k: (B, p) for k, p in dims.items()}
+    beliefs = filter_sequence(wm, params, key, data["obs"], data["actions"], data["mask"])
+    assert beliefs.mean.shape == (B, T, 4) and np.all(np.isfinite(beliefs.cov))

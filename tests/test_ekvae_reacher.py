@@ -18,8 +18,10 @@ from flax import nnx
 from examples import ekvae_common, ekvae_pendulum, ekvae_reacher
 from examples.ekvae_common import rollout, smoothed_start_prediction
 from inference import training
+from inference.guides import ekvae_guide
+from inference.objectives import EKVAEBound
 from pssm.datasets import wrap_angle
-from pssm.ekvae import EKVAEBound, NeuralLinearisation, ekvae, ekvae_guide
+from pssm.ekvae import NeuralLinearisation, ekvae
 from pssm.reacher_data import DT, reacher_angles, reacher_images, reacher_observations
 from tests.kalman_reference import DenseModel, condition
 

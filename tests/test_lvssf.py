@@ -17,8 +17,9 @@ from numpyro import handlers
 
 from examples.lvssf_pendulum import A_TRUE, B_TRUE, simulate, stationary_covariance
 from inference.guides import backward_sampling
+from inference.objectives import PathKLELBO, path_kl_elbo
 from pssm.lgssm import lgssm
-from pssm.lvssf import PathKLELBO, filter_beliefs, image_posterior, lvssf, path_kl_elbo
+from pssm.lvssf import filter_beliefs, image_posterior, lvssf
 
 SIZE = 6  # 6x6 images
 P_Z = stationary_covariance()
@@ -361,3 +362,68 @@ def test_example_quick_run_writes_table_and_figure(tmp_path):
     assert np.asarray(rows[1]["A"]).shape == (2, 2)  # learned dynamics are reported
     assert (tmp_path / "results.md").read_text().count("\n") >= 4
     assert (tmp_path / "filtered_trajectories.png").stat().st_size > 10_000
+
+
+# --- acting: the belief step and the world model --------------------------------------------------
+
+
+def test_belief_step_observed_step_by_step_equals_the_models_filter(model, data, params0):
+    """``condition`` / ``predict`` of ``model.belief_step()`` scanned over a sequence, with
+    per-sensor masks, give the filtered beliefs of :func:`filter_beliefs` (float64)."""
+    n, T = data["images"].shape[:2]
+    mask = np.ones((n, T, 2), bool)
+    mask[0, 2, 0] = False
+    mask[1, 3, 1] = False
+    mask[2, 4] = False
+    kw = inputs(data, mask=mask)
+    params = dict(params0)
+    params["lvssf_L"] = jnp.asarray(np.random.default_rng(1).normal(size=(2, 2)))
+    with handlers.substitute(data=params):
+        step = model.belief_step()
+    b, key = step.init(n), jax.random.key(0)
+    means, covs = [], []
+    for t in range(T):
+        obs_t = {k: v[:, t] for k, v in kw["obs"].items()}
+        b = step.condition(b, obs_t, mask[:, t], key)
+        means.append(b.mean)
+        covs.append(b.cov)
+        b = step.predict(b, data["actions"][:, t], key)
+    f = filter_beliefs(model, params, **kw).filtered
+    assert f.mean.dtype == jnp.float64
+    np.testing.assert_allclose(np.stack(means, 1), f.mean, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(np.stack(covs, 1), f.cov, rtol=1e-9, atol=1e-12)
+    whole = step.filter(kw["obs"], kw["actions"], mask, key)
+    np.testing.assert_allclose(whole.mean, f.mean, rtol=1e-12, atol=1e-12)
+    assert step.reward is None and step.features(b).shape == (n, 2)
+
+
+def test_lvssf_world_model_on_state_vectors_trains_and_acts():
+    from inference import training
+    from rl.world_model import filter_sequence
+    from rl.world_models.lvssf import lvssf_world_model
+
+    B, T, u = 4, 6, 2
+    dims = {"position": 3, "velocity": 2}
+    rng = np.random.default_rng(0)
+    data = {
+        "obs": {k: rng.normal(size=(B, T, p)) for k, p in dims.items()},
+        "actions": rng.uniform(-1, 1, size=(B, T, u)),
+        "rewards": rng.normal(size=(B, T)),
+        "mask": np.ones((B, T, 2), bool),
+    }
+    wm = lvssf_world_model(dims, u, latent_dim=3, hidden=8, seed=0, num_kl_samples=4)
+    state, history = training.fit(wm.objective, data, optax.adam(1e-3), num_steps=3,
+                                  batch_size=B, key=jax.random.key(0), steps_per_call=3,
+                                  progress=False)  # fmt: skip
+    assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
+    params, key = wm.objective.constrain(state.params), jax.random.key(1)
+    b = wm.init_belief(params, B)
+    b = wm.observe(params, key, b, {k: v[:, 0] for k, v in data["obs"].items()}, None)
+    b = wm.imagine(params, key, b, data["actions"][:, 0])
+    f = wm.features(params, b)
+    assert f.shape == (B, wm.feature_size) == (B, 3) and wm.action_dim == u
+    assert wm.reward(params, f).shape == (B,)
+    decoded = {k: v.shape for k, v in wm.decode(params, f).items()}
+    assert decoded == {k: (B, p) for k, p in dims.items()}
+    beliefs = filter_sequence(wm, params, key, data["obs"], data["actions"], data["mask"])
+    assert beliefs.mean.shape == (B, T, 3) and np.all(np.isfinite(beliefs.cov))

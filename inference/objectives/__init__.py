@@ -1,5 +1,6 @@
 """Objective wrappers around ELBOs: rate-distortion splits, constrained optimisation (REWO),
-KL annealing, free nats, and the variational hierarchical prior (VHP) bound.
+KL annealing, free nats, the variational hierarchical prior (VHP) bound, the EKVAE's bound
+(:class:`EKVAEBound`) and the VSSF's path-KL objective (:class:`PathKLELBO`).
 
 Example (any NumPyro model and guide)::
 
@@ -25,8 +26,10 @@ from .constrained import (
     linear_warmup,
     update_multiplier,
 )
+from .ekvae import EKVAEBound
 from .free_nats import FreeNatsELBO
 from .kalmamba import KalMambaELBO
+from .path_kl import PathKLELBO, path_kl_elbo
 from .vhp import VHP, sample_posterior, sample_prior, vhp_bound
 
 __all__ = [
@@ -34,7 +37,9 @@ __all__ = [
     "AnnealState",
     "AnnealedELBO",
     "ConstrainedELBO",
+    "EKVAEBound",
     "FreeNatsELBO",
+    "PathKLELBO",
     "KalMambaELBO",
     "REWOState",
     "RateDistortion",
@@ -44,6 +49,7 @@ __all__ = [
     "f_lambda",
     "gate_params",
     "linear_warmup",
+    "path_kl_elbo",
     "sample_posterior",
     "sample_prior",
     "update_multiplier",

@@ -52,7 +52,7 @@ the ``beta = 1`` end is the ELBO.
 
 Both wrap any :class:`RateDistortion` (the protocol below): :class:`TraceRateDistortion` splits a
 NumPyro ELBO (``Trace_ELBO``, ``TraceMeanField_ELBO``) of any model and guide by site;
-``pssm.ekvae.EKVAEBound`` computes EKVAE's own bound. All are ``MetricsELBO`` objects for
+``inference.objectives.EKVAEBound`` computes EKVAE's own bound. All are ``MetricsELBO`` objects for
 ``inference.training.elbo_objective`` (their state is its ``aux``).
 """
 
@@ -242,7 +242,7 @@ class ConstrainedELBO(RateDistortionELBO):
 
     Args:
         inner: a :class:`RateDistortion` (e.g. :class:`TraceRateDistortion`,
-            ``pssm.ekvae.EKVAEBound``).
+            ``inference.objectives.EKVAEBound``).
         d0: the distortion bound ``D0``, in the units of ``inner``'s distortion (a sum over the
             minibatch for NumPyro ELBOs); ``None``: calibrated (module docstring).
         nu, tau1, tau2, alpha: constants of the multiplier update and the moving average.
