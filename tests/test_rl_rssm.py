@@ -76,7 +76,9 @@ def test_belief_step_walks_the_guides_path(variant):
             jax.random.uniform(jax.random.split(k)[0], (B, 16)) for k in keys[1:]
         ]
         data["rssm_dropout"] = jnp.stack(noise, axis=1)
-    guide_, model_ = (handlers.condition(handlers.substitute(f, params), data) for f in (guide, model))
+    guide_, model_ = (
+        handlers.condition(handlers.substitute(f, params), data) for f in (guide, model)
+    )
     g = handlers.trace(handlers.seed(guide_, 1)).get_trace(**batch)
     m = handlers.trace(handlers.replay(handlers.seed(model_, 2), g)).get_trace(**batch)
     z_path = np.concatenate([g["z_0"]["value"][:, None], np.moveaxis(g["z"]["value"], 0, 1)], 1)
