@@ -182,21 +182,50 @@ def filter_beliefs(wm, params, key, obs, actions, mask=None):
     return jax.tree.map(join, b, bs)
 
 
+def imagine_rollout(wm, params, key, belief, policy=None, horizon: int | None = None, *,
+                    actions=None, rewards: bool = True):
+    """Roll a world model forward from ``belief`` ``(B, ...)`` for ``horizon`` ``imagine`` steps:
+    the one rollout that planning, imagined training and open-loop prediction all use.
+
+    Each step ``k`` takes ``a_k = policy(features(b_k), key_k)`` (Dreamer's imagined
+    trajectories; gradients flow through the dynamics) or ``actions[:, k]`` (``(B, H, u)``:
+    PlaNet's candidates, recorded actions; ``horizon`` defaults to ``H``), then
+    ``b_{k+1} = imagine(b_k, a_k)``.
+
+    Returns:
+        ``(features (H+1, B, F), actions (H, B, u), rewards (H, B))``: the features of the
+        start and of every imagined state, the actions taken and the predicted rewards of
+        arriving in each state (``None`` with ``rewards=False``, for models without a head).
+    """
+    if (policy is None) == (actions is None):
+        raise ValueError("give exactly one of policy and actions")
+    given = None if actions is None else jnp.moveaxis(jnp.asarray(actions), 1, 0)
+    horizon = given.shape[0] if horizon is None else int(horizon)
+
+    def step(b, xs):
+        k, a = xs
+        k_pi, k_dyn = jax.random.split(k)
+        if a is None:
+            a = policy(wm.features(params, b), k_pi)
+        b = wm.imagine(params, k_dyn, b, a)
+        f = wm.features(params, b)
+        return b, (f, a, wm.reward(params, f) if rewards else None)
+
+    keys = jax.random.split(key, horizon)
+    _, (f, a, r) = jax.lax.scan(step, belief, (keys, given))
+    return jnp.concatenate([wm.features(params, belief)[None], f], axis=0), a, r
+
+
 def world_model_predict(wm) -> Callable:
     """``predict(params, key, belief, actions (B, n, u)) -> (B, n, ...)`` for a world model:
-    ``n`` ``imagine`` steps, each decoded (``decode(features(b))``); ``actions[:, k]`` moves
-    the belief from the step before to step ``k + 1``."""
+    :func:`imagine_rollout` under ``actions``, every imagined state decoded
+    (``decode(features(b))``); ``actions[:, k]`` moves the belief to step ``k + 1``."""
     if getattr(wm, "decode", None) is None:
         raise ValueError("the world model has no decode function: it cannot predict observations")
 
     def predict(params, key, belief, actions):
-        def step(b, xs):
-            k, a = xs
-            b = wm.imagine(params, k, b, a)
-            return b, wm.decode(params, wm.features(params, b))
-
-        keys = jax.random.split(key, actions.shape[1])
-        _, out = jax.lax.scan(step, belief, (keys, jnp.moveaxis(actions, 1, 0)))
+        f, _, _ = imagine_rollout(wm, params, key, belief, actions=actions, rewards=False)
+        out = wm.decode(params, f[1:])
         return jax.tree.map(lambda v: jnp.moveaxis(v, 0, 1), out)
 
     return predict

@@ -3,16 +3,18 @@
     pssm run                                   # the default: the main job (CPU preset)
     pssm run --agent dreamer --model rssm --task cartpole-swingup --env-steps 50000
     pssm run --agent sac-belief --model rssm --variant noisy --set hidden=128 --set seq_len=32
+    pssm run --agent planet --model my_package.my_module:factory   # a model of one's own
     pssm run --run-dir runs/x --resume         # continue a killed run exactly
     pssm run --run-dir runs/x --resume --env-steps 200000   # extend a (finished) run
 
 Every flag maps to a field of :class:`rl.runner.RunConfig`; ``--set key=value`` fills
-``overrides`` (driver settings: ``hidden``, ``batch_size``, ``model_batch``, ``seq_len``,
-``stoch``, ``deter``, ``model_hidden``, ``model_lr``, ... as :data:`rl.drivers.OVERRIDES` lists;
-``planet.<field>`` / ``dreamer.<field>`` set the agents' configs, e.g. ``--set
-planet.candidates=100``; an unknown key is an error). With ``--resume`` the flags left out
-keep the stored run's values and the flags given must match them, except ``--env-steps``,
-which may grow. Other subcommands (``pssm compare``) are forwarded to :mod:`pssm.cli`.
+``overrides`` (settings on top of the preset: ``hidden``, ``batch_size``, ``model_batch``,
+``seq_len``, ``stoch``, ``deter``, ``model_hidden``, ``model_lr``, ... as
+:data:`rl.presets.SETTINGS` lists; ``planet.<field>`` / ``dreamer.<field>`` set the agents'
+configs, e.g. ``--set planet.candidates=100``; an unknown key is an error). With ``--resume``
+the flags left out keep the stored run's values and the flags given must match them, except
+``--env-steps``, which may grow. Other subcommands (``pssm compare``) are forwarded to
+:mod:`pssm.cli`.
 
 Every flag is checked (:func:`rl.config.check`, :func:`rl.runner.check_run_dir`) before
 anything is written: a usage error prints one line naming the flag and exits with status 2;
@@ -32,8 +34,8 @@ from .runner import CheckpointError, check_run_dir, run, stored_config
 
 DEFAULTS = RunConfig()
 _FIELDS = [f.name for f in dataclasses.fields(RunConfig) if f.name != "overrides"]
-_CHOICES = {"agent": AGENTS, "model": MODELS, "preset": PRESETS, "obs": tuple(envs.OBS_MODES),
-            "variant": ("none", *envs.VARIANTS)}  # fmt: skip
+_CHOICES = {"agent": AGENTS, "model": (*MODELS, "module.path:factory"), "preset": PRESETS,
+            "obs": tuple(envs.OBS_MODES), "variant": ("none", *envs.VARIANTS)}  # fmt: skip
 
 
 def flag(field: str) -> str:
@@ -116,7 +118,8 @@ def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None =
     try:
         cfg = config_from_args(args)
         name = "-".join(
-            str(x) for x in (cfg.agent, cfg.model if cfg.agent not in ("sac", "random") else None,
+            str(x) for x in (cfg.agent, cfg.model.replace(":", ".") if cfg.agent not in
+                             ("sac", "random") else None,
                              cfg.task, cfg.variant, f"s{cfg.seed}") if x
         )  # fmt: skip
         run_dir = args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,7 +1,8 @@
 """A run's configuration: :class:`RunConfig`, its validation and how two of them differ.
 
 :func:`check` refuses a configuration before anything is written: names from the registries
-(:data:`rl.drivers.AGENTS`, :data:`~rl.drivers.MODELS`, :data:`~rl.drivers.PRESETS`, dm_control
+(:data:`rl.drivers.AGENTS`, :data:`rl.models.MODELS` or a ``module:factory``,
+:data:`rl.presets.PRESETS`, dm_control
 tasks, :data:`rl.envs.OBS_MODES`, :data:`rl.envs.VARIANTS`), positive counts and compatible
 combinations. Each error is a :class:`ConfigError` naming the field, which the command line
 turns into its flag. :func:`resume_differences` says which fields of a resumed run differ from
@@ -12,8 +13,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from . import envs
-from .drivers import AGENTS, MODELS, PRESETS, check_overrides
+from . import envs, models
+from .drivers import AGENTS, PRESETS
+from .presets import check_overrides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +29,10 @@ class RunConfig:
     Attributes:
         agent: ``"sac"`` (raw observations), ``"sac-belief"`` (SAC on a world model's filtered
             belief mean), ``"dreamer"``, ``"planet"`` or ``"random"``.
-        model: world model for model-based agents: ``"rssm"``, ``"vrkn"``, ``"kalmamba"``.
+        model: world model for model-based agents: a name of the registry
+            :data:`rl.models.MODELS` (``"rssm"``, ``"rssm-mcd"``, ``"rssm-smoothing"``,
+            ``"vrkn"``, ``"vrkn-nomcd"``, ``"kalmamba"``, ``"lvssf"``, ``"ekvae"``, ...) or a
+            user's ``"module.path:factory"`` (see :mod:`rl.models`).
         task: dm_control task, e.g. ``"cartpole-swingup"``.
         obs: ``"states"``, ``"pixels"`` or ``"both"``.
         image_size: height and width of rendered images (a multiple of 16, at least 48 for the
@@ -44,7 +49,7 @@ class RunConfig:
         eval_episodes: episodes per evaluation (deterministic policy, separate seeds).
         checkpoint_every: agent steps between checkpoints (at episode ends).
         replay_capacity: rows kept in replay.
-        overrides: extra driver settings (``{"hidden": 64, ...}``), see :mod:`rl.drivers`.
+        overrides: ``((name, value), ...)`` on top of the preset's settings (:mod:`rl.presets`).
     """
 
     agent: str = "sac-belief"
@@ -110,7 +115,10 @@ def check(cfg: RunConfig) -> None:
     ):
         raise ConfigError("action_repeat", f"must be a positive integer, got {cfg.action_repeat!r}")
     _choice("agent", cfg.agent, AGENTS)
-    _choice("model", cfg.model, MODELS)
+    try:
+        models.check_model(cfg.model)
+    except ValueError as e:
+        raise ConfigError("model", str(e)) from None
     _choice("preset", cfg.preset, PRESETS)
     _choice("obs", cfg.obs, tuple(envs.OBS_MODES))
     _choice("variant", cfg.variant, (None, *envs.VARIANTS))

@@ -40,6 +40,7 @@ import itertools
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -64,14 +65,20 @@ class Sequences(NamedTuple):
     episode: np.ndarray
     start: np.ndarray
 
-    def model_batch(self) -> dict:
-        """``{"obs", "actions", "rewards", "mask"}``: the batch a world model trains on."""
-        return {
-            "obs": self.obs,
-            "actions": self.actions,
-            "rewards": self.rewards,
-            "mask": self.mask,
-        }
+    def model_batch(self, dtype=None) -> dict:
+        """``{"obs", "actions", "rewards", "mask"}``: the batch a world model trains on, with
+        actions, rewards and non-image observations cast to ``dtype`` when given (JAX's default
+        float; ``uint8`` images stay as they are, the models map them)."""
+        batch = {"obs": self.obs, "actions": self.actions, "rewards": self.rewards,
+                 "mask": self.mask}  # fmt: skip
+        if dtype is None:
+            return batch
+        batch["actions"] = batch["actions"].astype(dtype)
+        batch["rewards"] = batch["rewards"].astype(dtype)
+        if not isinstance(batch["obs"], Mapping):
+            o = batch["obs"]
+            batch["obs"] = o if o.dtype == np.uint8 else o.astype(dtype)
+        return batch
 
 
 class Transitions(NamedTuple):

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from numpyro import handlers
 
-from inference.evaluation import filter_beliefs
+from inference.evaluation import filter_beliefs, imagine_rollout  # noqa: F401 (re-exported)
 from inference.training import Objective
 
 PyTree = Any
@@ -91,25 +91,74 @@ def filter_sequence(wm: WorldModel, params, key, obs, actions, mask=None) -> PyT
     return filter_beliefs(wm, params, key, obs, actions, mask)
 
 
-def imagine_rollout(wm: WorldModel, params, key, belief, policy, horizon: int):
-    """Roll ``policy(features, key) -> action`` through ``imagine`` for ``horizon`` steps.
+def observe_step(wm: WorldModel, params, key, belief, prev_action, first, obs, mask):
+    """The online filter, one step for ``B`` running episodes:
+    ``b_t = observe(imagine(b_{t-1}, a_{t-1}), o_t)``, or ``observe(init_belief, o_0)`` where
+    ``first`` ``(B,)`` flags an episode's first observation."""
+    k_imagine, k_observe = jax.random.split(key)
+    batch = jnp.shape(first)[0]
+    predicted = wm.imagine(params, k_imagine, belief, prev_action)
+    prior = wm.init_belief(params, batch)
+    prior = jax.tree.map(lambda p, b: jnp.broadcast_to(p, jnp.shape(b)), prior, predicted)
+    return wm.observe(params, k_observe, select(first, prior, predicted), obs, mask)
 
-    Returns ``(features (H+1, B, F), actions (H, B, u), rewards (H, B))``: the features of the
-    start and of every imagined state, the actions taken and the predicted rewards of arriving
-    in each state (Dreamer's imagined trajectories; gradients flow through the dynamics).
-    """
 
-    def step(b, k):
-        k_pi, k_dyn = jax.random.split(k)
-        f = wm.features(params, b)
-        a = policy(f, k_pi)
-        b = wm.imagine(params, k_dyn, b, a)
-        f_next = wm.features(params, b)
-        return b, (f_next, a, wm.reward(params, f_next))
+def select(pred, on_true, on_false):
+    """Per-episode ``where`` over pytrees with a leading batch axis ``(B, ...)``."""
 
-    f0 = wm.features(params, belief)
-    _, (f, a, r) = jax.lax.scan(step, belief, jax.random.split(key, horizon))
-    return jnp.concatenate([f0[None], f], axis=0), a, r
+    def sel(x, y):
+        return jnp.where(pred.reshape(pred.shape + (1,) * (jnp.ndim(y) - 1)), x, y)
+
+    return jax.tree.map(sel, on_true, on_false)
+
+
+class Acting(NamedTuple):
+    """``B`` running episodes of an agent: the filtered ``belief`` after the last observation,
+    the agent's per-episode ``memory`` (PlaNet's warm-started plan; ``()`` for most agents),
+    the action executed last ``(B, u)`` and ``first`` ``(B,)``: the next observation starts an
+    episode."""
+
+    belief: PyTree
+    memory: PyTree
+    prev_action: jax.Array
+    first: jax.Array
+
+
+def start_acting(wm: WorldModel, agent, params, batch_size: int = 1) -> Acting:
+    """:class:`Acting` for ``batch_size`` episodes that have not started yet."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dtype = jnp.result_type(float)
+    return Acting(
+        wm.init_belief(params, batch_size),
+        agent.memory(params, batch_size),
+        jnp.zeros((batch_size, wm.action_dim), dtype),
+        jnp.ones((batch_size,), bool),
+    )
+
+
+def act(wm: WorldModel, agent, params, state, acting: Acting, key, obs, mask, explore):
+    """One environment step of any agent (:class:`rl.agents.Agent`) on ``wm``: filter ``obs``
+    (:func:`observe_step`), restart the memory of starting episodes, and let the agent choose
+    from the belief. Returns ``(action (B, u), acting)``."""
+    k_filter, k_act = jax.random.split(key)
+    belief = observe_step(
+        wm, params, k_filter, acting.belief, acting.prev_action, acting.first, obs, mask
+    )
+    fresh = agent.memory(params, acting.first.shape[0])
+    memory = select(acting.first, fresh, acting.memory)
+    action, memory = agent.act(params, state, memory, belief, k_act, explore)
+    action = action.astype(acting.prev_action.dtype)
+    return action, Acting(belief, memory, action, jnp.zeros_like(acting.first))
+
+
+def reset_acting(acting: Acting, done=None) -> Acting:
+    """Flag the ``done`` ``(B,)`` episodes (all when ``None``) to restart at the next step."""
+    done = jnp.ones_like(acting.first) if done is None else jnp.asarray(done, bool)
+    if done.shape != acting.first.shape:
+        raise ValueError(f"done must have shape {acting.first.shape}, got {done.shape}")
+    prev = jnp.where(done[:, None], 0.0, acting.prev_action)
+    return acting._replace(first=acting.first | done, prev_action=prev)
 
 
 def belief_world_model(model, objective: Objective, **step_options) -> WorldModel:

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rl import world_model as W
 from rl.agents.dreamer import DreamerConfig, dreamer, flatten_beliefs
 from rl.agents.returns import discount_weights, lambda_returns
 from tests.toy_world_model import ToyBelief, toy_world_model
@@ -141,7 +142,7 @@ def trained():
     keys = jax.random.split(jax.random.key(2), UPDATES)
     state, history = state0, []
     for i in range(UPDATES):
-        state, metrics = agent.update(params, state, keys[i], start_beliefs(rng, BATCH))
+        state, metrics = agent.train_step(params, state, keys[i], start_beliefs(rng, BATCH))
         history.append(jax.device_get(metrics))
 
     return dict(
@@ -187,7 +188,7 @@ def test_target_critic_follows_every_n_updates_and_model_is_untouched(trained):
         jax.tree.leaves(state.critic), jax.tree.leaves(state.target_critic), strict=True
     ):
         np.testing.assert_array_equal(c, t)
-    nxt, _ = agent.update(
+    nxt, _ = agent.train_step(
         params, state, jax.random.key(9), start_beliefs(np.random.default_rng(9), BATCH)
     )
     changed = [
@@ -213,33 +214,54 @@ def test_target_critic_follows_every_n_updates_and_model_is_untouched(trained):
 
 
 def test_act_filters_online_and_is_deterministic_given_the_key(trained):
-    agent, params, state = trained["agent"], trained["params"], trained["state"]
-    acting = agent.init_acting(params, 3)
+    wm, agent, params, state = trained["wm"], trained["agent"], trained["params"], trained["state"]
+    step = jax.jit(lambda acting, key, obs, mask, explore: W.act(
+        wm, agent, params, state, acting, key, obs, mask, explore))  # fmt: skip
+    acting = W.start_acting(wm, agent, params, 3)
     o0 = jnp.array([[0.2], [-0.1], [0.0]])
     mask = jnp.ones(3, bool)
-    a0, acting = agent.act(params, state, acting, jax.random.key(0), o0, mask, False)
+    a0, acting = step(acting, jax.random.key(0), o0, mask, False)
     gain = 1.0 / (1.0 + 1e-2)  # p0 = 1, r = 1e-2
     m0 = gain * o0
     np.testing.assert_allclose(acting.belief.mean, m0, atol=1e-12)
     np.testing.assert_allclose(a0, np.tanh(trained["dist"](state.actor, m0)[0]), atol=1e-12)
     # second step: imagine with a0, then observe
     o1 = jnp.array([[0.05], [0.0], [0.1]])
-    _, acting1 = agent.act(params, state, acting, jax.random.key(1), o1, mask, False)
+    _, acting1 = step(acting, jax.random.key(1), o1, mask, False)
     pm, pv = m0 + 0.5 * a0, (1 - gain) * 1.0 + 1e-2
     np.testing.assert_allclose(acting1.belief.mean, pm + pv / (pv + 1e-2) * (o1 - pm), atol=1e-12)
     # explore: a sample plus noise, reproducible from the key
-    e1, s1 = agent.act(params, state, acting, jax.random.key(5), o1, mask, True)
-    e2, s2 = agent.act(params, state, acting, jax.random.key(5), o1, mask, True)
-    e3, _ = agent.act(params, state, acting, jax.random.key(6), o1, mask, True)
+    e1, s1 = step(acting, jax.random.key(5), o1, mask, True)
+    e2, s2 = step(acting, jax.random.key(5), o1, mask, True)
+    e3, _ = step(acting, jax.random.key(6), o1, mask, True)
     np.testing.assert_array_equal(e1, e2)
     np.testing.assert_array_equal(s1.belief.mean, s2.belief.mean)
     assert not np.allclose(e1, e3) and (np.abs(e1) <= 1).all()
     # reset: the next observation is filtered from the prior again
-    reset = agent.reset(acting1, jnp.array([True, False, False]))
+    reset = W.reset_acting(acting1, jnp.array([True, False, False]))
     np.testing.assert_array_equal(reset.first, [True, False, False])
-    _, acting2 = agent.act(params, state, reset, jax.random.key(2), o0, mask, False)
+    _, acting2 = step(reset, jax.random.key(2), o0, mask, False)
     np.testing.assert_allclose(acting2.belief.mean[0], m0[0], atol=1e-12)
     assert abs(float(acting2.belief.mean[1, 0] - m0[1, 0])) > 1e-3
+
+
+def test_update_takes_one_train_step_per_group_of_windows(trained):
+    """The protocol's update on ``updates * start_batch`` filtered windows: train step ``i`` on
+    window group ``i``, every step of its windows a start belief (the driver's call)."""
+    wm, params, state = trained["wm"], trained["params"], trained["state0"]
+    agent = dreamer(wm, CONFIG, start_batch=2)
+    rng = np.random.default_rng(4)
+    beliefs = ToyBelief(jnp.asarray(rng.uniform(-0.3, 0.3, (4, 3, 1))), jnp.full((4, 3, 1), 0.1))
+    assert agent.sequences(2) == 4
+    key = jax.random.key(8)
+    new, metrics = jax.jit(agent.update, static_argnums=5)(params, state, key, beliefs, {}, 2)
+    ref = state
+    for i, k in enumerate(jax.random.split(key, 2)):
+        group = jax.tree.map(lambda v: v[2 * i : 2 * i + 2].reshape(6, 1), beliefs)
+        ref, _ = agent.train_step(params, ref, k, group)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert int(new.step) == 2 and np.isfinite(float(metrics["actor_loss"]))
 
 
 # ----------------------------------------------------------------------------- gradients

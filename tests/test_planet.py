@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rl.agents.planet import PLANET_CPU, PlanetConfig, planet
+from rl import world_model as W
+from rl.agents.planet import PLANET_CPU, Plan, PlanetConfig, planet
 from tests.toy_world_model import ToyBelief, toy_world_model
 
 TOY = dict(A=jnp.array([1.0, 0.9]), B=jnp.array([0.5, 0.8]), r=1e-4, q=1e-2, p0=1.0)
@@ -21,10 +22,25 @@ CONFIG = PlanetConfig(horizon=4, candidates=300, iterations=10, top_k=30)
 ALL = jnp.ones(3, bool)  # every test of the shared agent runs 3 episodes with a mask: one compile
 
 
+class Acting:
+    """PlaNet acting through the generic online filter (:func:`rl.world_model.act`), jitted."""
+
+    def __init__(self, wm, agent):
+        self.wm, self.agent = wm, agent
+        self.act = jax.jit(lambda p, acting, key, obs, mask, explore: W.act(
+            wm, agent, p, (), acting, key, obs, mask, explore))  # fmt: skip
+
+    def init(self, params, batch):
+        return W.start_acting(self.wm, self.agent, params, batch)
+
+    def __getattr__(self, name):  # plan, returns: the planner's own
+        return getattr(self.agent, name)
+
+
 @pytest.fixture(scope="module")
 def toy():
     wm, params = toy_world_model(2, target=TARGET, **TOY)
-    return wm, params, planet(wm, CONFIG)
+    return wm, params, Acting(wm, planet(wm, CONFIG))
 
 
 def kalman_update(mean, var, obs, r):
@@ -67,9 +83,8 @@ def test_online_filtering_imagines_with_the_previous_action_then_observes(toy):
     predicted = TOY["A"] * m + TOY["B"] * state.prev_action
     np.testing.assert_allclose(masked.belief.mean[1], predicted[1], atol=1e-12)
     assert np.abs(masked.belief.mean[0] - predicted[0]).min() > 1.0
-    state = agent.reset(state)
+    state = W.reset_acting(state)
     assert state.first.all() and (state.prev_action == 0).all()
-    np.testing.assert_array_equal(state.mean, 0.0)
     _, state = agent.act(params, state, jax.random.key(4), o0, ALL, False)
     np.testing.assert_allclose(state.belief.mean, kalman_update(0.0, 1.0, o0, 1e-4)[0])
 
@@ -78,31 +93,36 @@ def test_reset_only_the_finished_episodes(toy):
     wm, params, agent = toy
     state = agent.init(params, 3)
     _, state = agent.act(params, state, jax.random.key(0), jnp.zeros((3, 2)), ALL, False)
-    reset = agent.reset(state, jnp.array([False, True, False]))
+    reset = W.reset_acting(state, jnp.array([False, True, False]))
     np.testing.assert_array_equal(reset.first, [False, True, False])
-    np.testing.assert_array_equal(reset.mean[0], state.mean[0])
-    np.testing.assert_array_equal(reset.mean[1], 0.0)
-    np.testing.assert_array_equal(reset.std[1], CONFIG.init_std)
-    np.testing.assert_array_equal(reset.std[2], state.std[2])
     np.testing.assert_array_equal(
         reset.prev_action, [state.prev_action[0], [0.0, 0.0], state.prev_action[2]]
     )
     with pytest.raises(ValueError, match="done"):
-        agent.reset(state, jnp.array([True]))
+        W.reset_acting(state, jnp.array([True]))
+    # the next step restarts the plan of the reset episode only: with a point mass on a plan,
+    # the others can only return their shifted plan, the restarted one plans afresh
+    plan = jnp.asarray(np.random.default_rng(1).uniform(-0.8, 0.8, state.memory.mean.shape))
+    pinned = reset._replace(memory=Plan(plan, jnp.full_like(plan, 1e-7)))
+    action, new = agent.act(params, pinned, jax.random.key(1), jnp.zeros((3, 2)), ALL, False)
+    np.testing.assert_allclose(action[np.array([0, 2])], plan[np.array([0, 2]), 0], atol=1e-6)
+    assert np.abs(action[1] - plan[1, 0]).max() > 1e-3
+    assert (new.memory.std[1, :-1] > 1e-3).any()
 
 
 def test_plan_is_warm_started_from_the_shifted_previous_plan(toy):
     wm, params, agent = toy
     state = agent.init(params, 3)
-    plan = jnp.asarray(np.random.default_rng(5).uniform(-0.8, 0.8, state.mean.shape))
+    _, state = agent.act(params, state, jax.random.key(0), jnp.zeros((3, 2)), ALL, False)
+    plan = jnp.asarray(np.random.default_rng(5).uniform(-0.8, 0.8, state.memory.mean.shape))
     # a (near) point mass on a plan: CEM can only return that plan
-    state = state._replace(mean=plan, std=jnp.full_like(plan, 1e-7))
+    state = state._replace(memory=Plan(plan, jnp.full_like(plan, 1e-7)))
     action, new = agent.act(params, state, jax.random.key(6), jnp.zeros((3, 2)), ALL, False)
     np.testing.assert_allclose(action, plan[:, 0], atol=1e-6)
-    np.testing.assert_allclose(new.mean[:, :-1], plan[:, 1:], atol=1e-6)
-    np.testing.assert_array_equal(new.mean[:, -1], 0.0)
-    assert (new.std[:, :-1] < 1e-6).all()
-    np.testing.assert_array_equal(new.std[:, -1], CONFIG.init_std)
+    np.testing.assert_allclose(new.memory.mean[:, :-1], plan[:, 1:], atol=1e-6)
+    np.testing.assert_array_equal(new.memory.mean[:, -1], 0.0)
+    assert (new.memory.std[:, :-1] < 1e-6).all()
+    np.testing.assert_array_equal(new.memory.std[:, -1], CONFIG.init_std)
 
 
 def test_without_std_shift_the_deviations_restart():
@@ -111,10 +131,11 @@ def test_without_std_shift_the_deviations_restart():
         horizon=3, candidates=20, iterations=2, top_k=5, init_std=0.7, shift_std=False
     )
     agent = planet(wm, cfg)
-    state = agent.init(params, 1)
     plan = jnp.array([[[0.1], [0.2], [0.3]]])
-    state = state._replace(mean=plan, std=jnp.full_like(plan, 1e-7))
-    _, new = agent.act(params, state, jax.random.key(0), jnp.zeros((1, 1)), None, False)
+    belief = wm.init_belief(params, 1)
+    action, new = agent.act(params, (), Plan(plan, jnp.full_like(plan, 1e-7)), belief,
+                            jax.random.key(0), False)  # fmt: skip
+    np.testing.assert_allclose(action, [[0.1]], atol=1e-6)
     np.testing.assert_allclose(new.mean, [[[0.2], [0.3], [0.0]]], atol=1e-6)
     np.testing.assert_array_equal(new.std, 0.7)
 
@@ -131,7 +152,7 @@ def test_act_is_deterministic_given_the_key_and_explores_with_noise(toy):
     assert not np.allclose(a1, a3)
     greedy, s4 = agent.act(params, state, jax.random.key(7), obs, ALL, False)
     # the same key plans the same sequence: exploring only adds noise to its first action
-    np.testing.assert_array_equal(s4.mean, s1.mean)
+    np.testing.assert_array_equal(s4.memory.mean, s1.memory.mean)
     assert np.abs(a1 - greedy).max() > 1e-3 and (np.abs(a1) <= 1).all()
 
 

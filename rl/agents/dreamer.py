@@ -25,9 +25,9 @@ critic follows the critic every ``target_every`` updates by ``psi' <- tau psi + 
 The policy is Dreamer's tanh-Gaussian: ``mu = s tanh(m / s)`` (``s = mean_scale``),
 ``sigma = softplus(x + c) + min_std`` with ``c`` such that ``sigma = init_std`` at ``x = 0``; its
 entropy ``H = sum_i [log(sigma_i sqrt(2 pi e)) + E log(1 - tanh^2 u_i)]`` is estimated with one
-reparameterised sample ``u``. Acting filters observations online as PlaNet does
-(:func:`rl.agents.planet.observe_step`) and takes ``tanh(mu)`` (evaluation) or a sample plus
-Gaussian exploration noise (data collection).
+reparameterised sample ``u``. Acting (an :class:`rl.agents.Agent`: the online filter is
+:func:`rl.world_model.act`'s) takes ``tanh(mu)`` of the filtered belief's features (evaluation)
+or a sample plus Gaussian exploration noise (data collection).
 """
 
 from collections.abc import Callable, Sequence
@@ -40,7 +40,7 @@ import optax
 from flax import nnx
 
 from pssm.nets import MLP
-from rl.agents.planet import observe_step, reset_episodes
+from rl.agents import no_memory
 from rl.agents.returns import discount_weights, lambda_returns
 from rl.world_model import WorldModel, imagine_rollout
 
@@ -105,22 +105,16 @@ class AgentState(NamedTuple):
     step: jax.Array
 
 
-class ActingState(NamedTuple):
-    """Online filtering state of ``B`` running episodes (as in :class:`PlannerState`)."""
-
-    belief: PyTree
-    prev_action: jax.Array
-    first: jax.Array
-
-
 class Dreamer(NamedTuple):
-    """Dreamer's pure functions (see :func:`dreamer`)."""
+    """Dreamer's pure functions (see :func:`dreamer`); the first five are
+    :class:`rl.agents.Agent`."""
 
     init: Callable[[jax.Array], AgentState]
-    init_acting: Callable[..., ActingState]
-    act: Callable[..., tuple[jax.Array, ActingState]]
-    reset: Callable[..., ActingState]
+    memory: Callable[..., tuple]
+    act: Callable[..., tuple[jax.Array, tuple]]
     update: Callable[..., tuple[AgentState, dict]]
+    sequences: Callable[[int], int]
+    train_step: Callable[..., tuple[AgentState, dict]]
     policy: Callable[..., jax.Array]
     actor_dist: Callable[..., tuple[jax.Array, jax.Array]]
     value: Callable[..., jax.Array]
@@ -169,18 +163,21 @@ def _validate(config: DreamerConfig):
         raise ValueError(f"explore_noise and entropy_scale must be >= 0, got {config}")
 
 
-def dreamer(wm: WorldModel, config: DreamerConfig | None = None) -> Dreamer:
+def dreamer(wm: WorldModel, config: DreamerConfig | None = None, start_batch: int = 8) -> Dreamer:
     """Dreamer agent over the world model ``wm`` (model parameters are always passed in).
 
     Returns:
         A :class:`Dreamer` of pure functions (``init`` eager, the rest jitted):
 
-        - ``init(key) -> AgentState``;
-        - ``init_acting(model_params, batch_size=1) -> ActingState``;
-        - ``act(model_params, state, acting, key, obs, mask, explore) -> (action (B, u), acting)``;
-        - ``reset(acting, done=None) -> acting``: start new episodes (all, or where ``done``);
-        - ``update(model_params, state, key, start_beliefs) -> (state, metrics)``: one actor and
-          one critic step on trajectories imagined from ``start_beliefs`` ``(N, ...)``;
+        - ``init(key) -> AgentState``; ``memory``: none (``()``);
+        - ``act(model_params, state, (), belief, key, explore) -> (action (B, u), ())``;
+        - ``update(model_params, state, key, beliefs, batch, updates) -> (state, metrics)``:
+          ``updates`` train steps, each from the filtered beliefs of ``start_batch`` of the
+          replayed windows ``beliefs`` ``(updates * start_batch, T, ...)`` (every step of them
+          a start); metrics averaged;
+        - ``sequences(updates) = updates * start_batch``;
+        - ``train_step(model_params, state, key, start_beliefs) -> (state, metrics)``: one actor
+          and one critic step on trajectories imagined from ``start_beliefs`` ``(N, ...)``;
         - ``policy(actor_params, features, key, explore) -> actions``;
         - ``actor_dist(actor_params, features) -> (mu, sigma)`` of the pre-tanh Gaussian;
         - ``value(critic_params, features) -> values``;
@@ -271,7 +268,7 @@ def dreamer(wm: WorldModel, config: DreamerConfig | None = None) -> Dreamer:
             step=jnp.zeros((), jnp.int32),
         )
 
-    def update(model_params, state: AgentState, key, start_beliefs):
+    def train_step(model_params, state: AgentState, key, start_beliefs):
         grad_actor = jax.value_and_grad(actor_loss, has_aux=True)
         (_, (metrics, (feats, R, w))), g_actor = grad_actor(
             state.actor, state.target_critic, model_params, key, start_beliefs
@@ -297,34 +294,26 @@ def dreamer(wm: WorldModel, config: DreamerConfig | None = None) -> Dreamer:
         }
         return AgentState(actor, critic, target, a_opt, c_opt, step), metrics
 
-    def init_acting(model_params, batch_size: int = 1) -> ActingState:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return ActingState(
-            belief=wm.init_belief(model_params, batch_size),
-            prev_action=jnp.zeros((batch_size, u), jnp.result_type(float)),
-            first=jnp.ones((batch_size,), bool),
-        )
+    def act(model_params, state: AgentState, memory, belief, key, explore):
+        return policy(state.actor, wm.features(model_params, belief), key, explore), memory
 
-    def act(model_params, state: AgentState, acting: ActingState, key, obs, mask, explore):
-        k_filter, k_pi = jax.random.split(key)
-        belief = observe_step(
-            wm, model_params, k_filter, acting.belief, acting.prev_action, acting.first, obs, mask
-        )
-        action = policy(state.actor, wm.features(model_params, belief), k_pi, explore)
-        action = action.astype(acting.prev_action.dtype)
-        return action, ActingState(belief, action, jnp.zeros_like(acting.first))
+    def update(model_params, state: AgentState, key, beliefs, batch, updates: int):
+        groups = jax.tree.map(lambda v: v.reshape(updates, -1, *v.shape[1:]), beliefs)
 
-    def reset(acting: ActingState, done=None) -> ActingState:
-        first, prev_action, _ = reset_episodes(acting.first, acting.prev_action, done)
-        return acting._replace(first=first, prev_action=prev_action)
+        def one(agent_state, xs):
+            k, group = xs
+            return train_step(model_params, agent_state, k, flatten_beliefs(group))
+
+        state, metrics = jax.lax.scan(one, state, (jax.random.split(key, updates), groups))
+        return state, jax.tree.map(jnp.mean, metrics)
 
     return Dreamer(
         init=init,
-        init_acting=jax.jit(init_acting, static_argnums=1),
-        act=jax.jit(act),
-        reset=jax.jit(reset),
-        update=jax.jit(update),
+        memory=no_memory,
+        act=act,
+        update=update,
+        sequences=lambda updates: updates * int(start_batch),
+        train_step=jax.jit(train_step),
         policy=jax.jit(policy),
         actor_dist=actor_dist,
         value=value,

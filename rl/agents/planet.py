@@ -1,16 +1,16 @@
 """PlaNet: model-predictive control by the cross-entropy method in a world model's latent space.
 
 Hafner et al. (2019), "Learning Latent Dynamics for Planning from Pixels", ICML, Sec. 3 and
-Algorithm 2. At every environment step the agent updates its belief with the new observation
-(online filtering through the :class:`rl.world_model.WorldModel` protocol, the time convention
-of :mod:`rl.world_model`)::
+Algorithm 2. At every environment step the belief is updated with the new observation (the
+online filter :func:`rl.world_model.observe_step`, run for every agent by
+:func:`rl.world_model.act`)::
 
     b_0 = observe(init_belief, o_0)               (first step of an episode)
     b_t = observe(imagine(b_{t-1}, a_{t-1}), o_t)  (later steps)
 
-and then searches for an action sequence ``a_{t:t+H-1}`` in ``[-1, 1]^{H x u}`` that maximises
-the predicted return ``G = sum_{k=0}^{H-1} gamma^k reward(features(b_{t+k+1}))``, where
-``b_{t+k+1} = imagine(b_{t+k}, a_{t+k})``. The cross-entropy method (CEM; Rubinstein 1997)
+and the planner then searches for an action sequence ``a_{t:t+H-1}`` in ``[-1, 1]^{H x u}``
+that maximises the predicted return ``G = sum_{k=0}^{H-1} gamma^k reward(features(b_{t+k+1}))``,
+where ``b_{t+k+1} = imagine(b_{t+k}, a_{t+k})``. The cross-entropy method (CEM; Rubinstein 1997)
 keeps a diagonal Gaussian ``N(mu, diag(sigma^2))`` over action sequences and, for ``I``
 iterations, draws ``J`` candidates ``clip(mu + sigma * eps, -1, 1)``, evaluates them all in one
 batched imagination, and refits ``(mu, sigma)`` to the ``K`` best (mean and standard deviation of
@@ -22,13 +22,11 @@ plan shifted by one step (the new last step gets ``N(0, init_std^2)``) rather th
 models whose ``imagine`` samples (stochastic states, MC-dropout masks) draw an independent
 dynamics sample per candidate.
 
-Usage::
+Usage (an :class:`rl.agents.Agent`; :func:`rl.world_model.act` filters and calls it)::
 
     agent = planet(wm, PLANET_CPU)
-    state = agent.init(params, 1)
-    action, state = agent.act(params, state, key, obs, mask, True)   # obs (1, ...)
-    ...
-    state = agent.reset(state)            # at the end of an episode
+    acting = start_acting(wm, agent, params, 1)
+    action, acting = act(wm, agent, params, (), acting, key, obs, mask, True)   # obs (1, ...)
 """
 
 from collections.abc import Callable
@@ -38,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rl.world_model import WorldModel
+from rl.world_model import WorldModel, imagine_rollout
 
 PyTree = Any
 
@@ -76,60 +74,24 @@ class PlanetConfig(NamedTuple):
 PLANET_CPU = PlanetConfig(horizon=12, candidates=300, iterations=5, top_k=30)
 
 
-class PlannerState(NamedTuple):
-    """The planner's state for ``B`` parallel episodes.
+class Plan(NamedTuple):
+    """The warm-started action-sequence Gaussian of ``B`` episodes (PlaNet's acting memory):
+    ``mean`` and ``std`` ``(B, H, u)``."""
 
-    Attributes:
-        belief: the filtered belief after the last observation, ``(B, ...)`` leaves.
-        prev_action: ``(B, u)``: the action executed last (drives the next ``imagine``).
-        first: ``(B,)`` bool: the next observation starts an episode (filter from the prior).
-        mean: ``(B, H, u)`` warm-start mean of the action-sequence Gaussian.
-        std: ``(B, H, u)`` its standard deviations.
-    """
-
-    belief: PyTree
-    prev_action: jax.Array
-    first: jax.Array
     mean: jax.Array
     std: jax.Array
 
 
 class Planet(NamedTuple):
-    """PlaNet's pure functions (all jitted; see :func:`planet`)."""
+    """PlaNet's pure functions (see :func:`planet`); the first five are :class:`rl.agents.Agent`."""
 
-    init: Callable[..., PlannerState]
-    act: Callable[..., tuple[jax.Array, PlannerState]]
-    reset: Callable[..., PlannerState]
+    init: Callable[..., Any]
+    memory: Callable[..., Plan]
+    act: Callable[..., tuple[jax.Array, Plan]]
+    update: None
+    sequences: Callable[[int], int]
     plan: Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
     returns: Callable[..., jax.Array]
-
-
-def _select(pred, on_true, on_false):
-    """Per-episode ``where`` over pytrees with a leading batch axis ``(B, ...)``."""
-
-    def sel(x, y):
-        return jnp.where(pred.reshape(pred.shape + (1,) * (jnp.ndim(y) - 1)), x, y)
-
-    return jax.tree.map(sel, on_true, on_false)
-
-
-def observe_step(wm: WorldModel, params, key, belief, prev_action, first, obs, mask):
-    """One step of online filtering: ``b_t = observe(imagine(b_{t-1}, a_{t-1}), o_t)``, or
-    ``observe(init_belief, o_0)`` for the episodes flagged ``first`` ``(B,)``."""
-    k_imagine, k_observe = jax.random.split(key)
-    batch = jnp.shape(first)[0]
-    predicted = wm.imagine(params, k_imagine, belief, prev_action)
-    prior = wm.init_belief(params, batch)
-    prior = jax.tree.map(lambda p, b: jnp.broadcast_to(p, jnp.shape(b)), prior, predicted)
-    return wm.observe(params, k_observe, _select(first, prior, predicted), obs, mask)
-
-
-def reset_episodes(first, prev_action, done):
-    """Flags ``done`` ``(B,)`` episodes (all when ``None``) to restart at the next step."""
-    done = jnp.ones_like(first) if done is None else jnp.asarray(done, bool)
-    if done.shape != first.shape:
-        raise ValueError(f"done must have shape {first.shape}, got {done.shape}")
-    return first | done, jnp.where(done[:, None], 0.0, prev_action), done
 
 
 def _validate(config: PlanetConfig):
@@ -153,11 +115,12 @@ def planet(wm: WorldModel, config: PlanetConfig | None = None) -> Planet:
         A :class:`Planet` of jitted pure functions (``params`` are the model's constrained
         parameters, as :mod:`rl.world_model` takes them):
 
-        - ``init(params, batch_size=1) -> PlannerState``;
-        - ``act(params, state, key, obs, mask, explore) -> (action (B, u), state)``: filter the
-          new observation, plan, and return the first planned action (with exploration noise
-          where ``explore``; a traced bool, so one compiled function serves both);
-        - ``reset(state, done=None) -> state``: start new episodes (all, or where ``done``);
+        - ``init(key) -> ()``: a planner learns nothing; ``update`` is ``None``;
+        - ``memory(params, batch_size) -> Plan``: ``N(0, init_std^2)`` over the horizon;
+        - ``act(params, state, plan, belief, key, explore) -> (action (B, u), plan)``: plan from
+          the filtered belief, return the first planned action (with exploration noise where
+          ``explore``; a traced bool, so one compiled function serves both) and the plan
+          shifted by one step;
         - ``plan(params, belief, key, mean, std) -> (mean, std, best_return)``: CEM from a
           belief ``(B, ...)`` with initial ``(B, H, u)`` Gaussian; ``best_return`` ``(B,)`` is
           the best candidate's return in the last iteration;
@@ -171,14 +134,7 @@ def planet(wm: WorldModel, config: PlanetConfig | None = None) -> Planet:
 
     def rollout(params, belief, actions, key):
         """Returns ``(n,)`` of sequences ``actions`` ``(n, H, u)`` from ``belief`` ``(n, ...)``."""
-
-        def step(b, xs):
-            k, a = xs
-            b = wm.imagine(params, k, b, a)
-            return b, wm.reward(params, wm.features(params, b))
-
-        keys = jax.random.split(key, H)
-        _, rewards = jax.lax.scan(step, belief, (keys, jnp.moveaxis(actions, 1, 0)))
+        _, _, rewards = imagine_rollout(wm, params, key, belief, actions=actions)
         return jnp.tensordot(jnp.asarray(discounts, rewards.dtype), rewards, axes=1)
 
     def returns_one(params, belief, key, actions):
@@ -234,51 +190,27 @@ def planet(wm: WorldModel, config: PlanetConfig | None = None) -> Planet:
     def _fresh_plan(batch, dtype):
         return jnp.zeros((batch, H, u), dtype), jnp.full((batch, H, u), config.init_std, dtype)
 
-    def init(params, batch_size: int = 1) -> PlannerState:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        dtype = jnp.result_type(float)
-        mean, std = _fresh_plan(batch_size, dtype)
-        return PlannerState(
-            belief=wm.init_belief(params, batch_size),
-            prev_action=jnp.zeros((batch_size, u), dtype),
-            first=jnp.ones((batch_size,), bool),
-            mean=mean,
-            std=std,
-        )
+    def memory(params, batch_size: int = 1) -> Plan:
+        return Plan(*_fresh_plan(batch_size, jnp.result_type(float)))
 
-    def act(params, state: PlannerState, key, obs, mask, explore):
-        batch = state.first.shape[0]
-        k_filter, k_plan, k_noise = jax.random.split(key, 3)
-        belief = observe_step(
-            wm, params, k_filter, state.belief, state.prev_action, state.first, obs, mask
-        )
-        mean, std, _ = plan(params, belief, k_plan, state.mean, state.std)
+    def act(params, state, memory: Plan, belief, key, explore):
+        k_plan, k_noise = jax.random.split(key)
+        mean, std, _ = plan(params, belief, k_plan, memory.mean, memory.std)
         action = mean[:, 0]
         noise = config.explore_noise * jax.random.normal(k_noise, action.shape, action.dtype)
         action = jnp.clip(action + jnp.where(explore, noise, 0.0), -1.0, 1.0)
-        new_mean, new_std = _fresh_plan(batch, mean.dtype)
+        new_mean, new_std = _fresh_plan(mean.shape[0], mean.dtype)
         new_mean = new_mean.at[:, :-1].set(mean[:, 1:])
         if config.shift_std:
             new_std = new_std.at[:, :-1].set(std[:, 1:])
-        state = PlannerState(belief, action, jnp.zeros_like(state.first), new_mean, new_std)
-        return action, state
-
-    def reset(state: PlannerState, done=None) -> PlannerState:
-        first, prev_action, done = reset_episodes(state.first, state.prev_action, done)
-        fresh_mean, fresh_std = _fresh_plan(first.shape[0], state.mean.dtype)
-        d = done[:, None, None]
-        return state._replace(
-            first=first,
-            prev_action=prev_action,
-            mean=jnp.where(d, fresh_mean, state.mean),
-            std=jnp.where(d, fresh_std, state.std),
-        )
+        return action, Plan(new_mean, new_std)
 
     return Planet(
-        init=jax.jit(init, static_argnums=1),
-        act=jax.jit(act),
-        reset=jax.jit(reset),
+        init=lambda key: (),
+        memory=memory,
+        act=act,
+        update=None,
+        sequences=lambda updates: 0,
         plan=plan,
         returns=returns,
     )

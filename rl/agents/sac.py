@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rl.agents import _nets
+from rl.agents import Agent, _nets, no_memory
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("obs", "action", "reward", "next_obs", "discount")
@@ -386,3 +386,34 @@ def sample_batches(key: jax.Array, transitions: Batch, num_batches: int, batch_s
         raise ValueError(f"need num_batches, batch_size >= 1, got {num_batches}, {batch_size}")
     idx = jax.random.randint(key, (num_batches, batch_size), 0, sizes.pop())
     return {k: jnp.asarray(v)[idx] for k, v in transitions.items()}
+
+
+def belief_agent(wm, config: SACConfig | None = None, *, batch_size: int = 256,
+                 sequences: int = 16):  # fmt: skip
+    """SAC on the features of a world model's filtered belief, as an :class:`rl.agents.Agent`
+    (KalMamba's setting, Becker et al. 2024, Sec. 4: the agent's gradients stop at the model).
+
+    A training call turns the filtered beliefs of ``sequences`` replayed windows into
+    transitions (:func:`belief_transitions`) and takes ``updates`` SAC steps on minibatches of
+    ``batch_size`` drawn from them (:func:`sample_batches`).
+    """
+    agent = sac(wm.feature_size, wm.action_dim, config=config)
+
+    def act(params, state, memory, belief, key, explore):
+        f = jax.lax.stop_gradient(wm.features(params, belief))
+        sample = agent.act(state, key, f)
+        return jnp.where(explore, sample, agent.act(state, key, f, deterministic=True)), memory
+
+    def update(params, state, key, beliefs, batch, updates: int):
+        k_batch, k_update = jax.random.split(key)
+        N, T = batch["rewards"].shape
+        f = wm.features(params, jax.tree.map(lambda v: v.reshape(N * T, *v.shape[2:]), beliefs))
+        # replay's discounts[:, t] belong to arriving at t; a transition t -> t + 1 needs t + 1's
+        d = batch["discounts"]
+        d = jnp.concatenate([d[:, 1:], jnp.ones_like(d[:, :1])], axis=1)
+        tr = belief_transitions(f.reshape(N, T, -1), batch["actions"], batch["rewards"], d)
+        state, metrics = agent.update_many(state, k_update, sample_batches(k_batch, tr, updates,
+                                                                           batch_size))  # fmt: skip
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return Agent(agent.init, no_memory, act, update, lambda updates: int(sequences))

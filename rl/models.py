@@ -1,0 +1,124 @@
+"""The model registry: every world model a run, a benchmark or an example can name.
+
+``MODELS[name](obs_dims, action_dim, settings, seed) -> WorldModel`` builds the family's model,
+its guide and training objective, sized by a run's settings (:mod:`rl.presets`), and derives the
+world model from the model's belief step (:func:`rl.world_model.belief_world_model`). Names
+follow the papers' rows: the RSSM of PlaNet/Dreamer with its MC-dropout and smoothing variants
+(Becker & Neumann 2022, Fig. 4), VRKN with and without MC dropout (Fig. 5), KalMamba, L-VSSF
+and EKVAE.
+
+A model of one's own needs no line here: ``pssm run --model my_package.my_module:factory``
+imports ``factory`` and calls ``factory(obs_dims, action_dim, seed=seed)``, which returns a
+``WorldModel`` or a pair ``(model, objective)`` of a model offering a belief step with a
+reward head (:mod:`pssm.belief`) and its :class:`inference.training.Objective`.
+"""
+
+import importlib
+from collections.abc import Callable
+
+from .world_model import WorldModel, belief_world_model
+
+
+def _rssm(dims, u, s, seed, **kw):
+    from .world_models.rssm import rssm_world_model
+
+    return rssm_world_model(dims, u, stoch=int(s["stoch"]), deter=int(s["deter"]),
+                            hidden=int(s["model_hidden"]), conv_depth=int(s["conv_depth"]),
+                            seed=seed, **kw)  # fmt: skip
+
+
+def _vrkn(dims, u, s, seed, mc_dropout=None):
+    from .world_models.vrkn import vrkn_world_model
+
+    h = int(s["model_hidden"])
+    mcd = bool(s["mc_dropout"]) if mc_dropout is None else mc_dropout
+    return vrkn_world_model(dims, u, latent_dim=int(s["latent"]), hidden=h, mlp_hidden=(h, h),
+                            mc_dropout=mcd, seed=seed, features=str(s["features"]),
+                            conv_depth=int(s["conv_depth"]))  # fmt: skip
+
+
+def _kalmamba(dims, u, s, seed):
+    from .world_models.kalmamba import kalmamba_world_model
+
+    h = int(s["model_hidden"])
+    return kalmamba_world_model(dims, u, mc_dropout=bool(s["mc_dropout"]),
+                                latent_dim=int(s["latent"]), hidden=(h, h),
+                                d_model=int(s["d_model"]), d_state=int(s["d_state"]), seed=seed,
+                                conv_depth=int(s["conv_depth"]))  # fmt: skip
+
+
+def _lvssf(dims, u, s, seed):
+    from .world_models.lvssf import lvssf_world_model
+
+    return lvssf_world_model(dims, u, latent_dim=int(s["latent"]),
+                             hidden=int(s["model_hidden"]), seed=seed)  # fmt: skip
+
+
+def _ekvae(dims, u, s, seed):
+    from .world_models.ekvae import ekvae_world_model
+
+    return ekvae_world_model(dims, u, latent_dim=int(s["latent"]),
+                             hidden=int(s["model_hidden"]), seed=seed)  # fmt: skip
+
+
+#: MC-dropout rate of the RSSM variants (VRKN paper, Sec. 4.1: as VRKN's, 0.1)
+RSSM_DROPOUT = 0.1
+
+MODELS: dict[str, Callable[..., WorldModel]] = {
+    "rssm": _rssm,
+    "rssm-mcd": lambda *a: _rssm(*a, mc_dropout=RSSM_DROPOUT),
+    "rssm-smoothing": lambda *a: _rssm(*a, smoothing=True),
+    "rssm-smoothing-mcd": lambda *a: _rssm(*a, smoothing=True, mc_dropout=RSSM_DROPOUT),
+    "vrkn": _vrkn,
+    "vrkn-nomcd": lambda *a: _vrkn(*a, mc_dropout=False),
+    "kalmamba": _kalmamba,
+    "lvssf": _lvssf,
+    "ekvae": _ekvae,
+}
+
+
+def is_factory_path(name: str) -> bool:
+    """Whether ``name`` is ``module.path:attribute`` (a user's factory) rather than a name."""
+    return ":" in name
+
+
+def load_factory(path: str) -> Callable:
+    """The callable ``module.path:attribute`` names; ``ValueError`` saying what is wrong."""
+    module, _, attr = path.partition(":")
+    if not module or not attr:
+        raise ValueError(f"expected module.path:factory, got {path!r}")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"cannot import {module!r}: {e}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {module!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{path!r} is not callable")
+    return obj
+
+
+def check_model(name: str) -> None:
+    """``ValueError`` unless ``name`` is a registry name or an importable factory."""
+    if is_factory_path(name):
+        load_factory(name)
+    elif name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)} or give "
+                         "module.path:factory")  # fmt: skip
+
+
+def build(name: str, obs_dims, action_dim: int, settings: dict, seed: int = 0) -> WorldModel:
+    """The world model ``name`` (registry name or ``module.path:factory``) for observations of
+    shape ``obs_dims`` (one shape, or ``{modality: shape}``) and ``action_dim`` actions."""
+    check_model(name)
+    if not is_factory_path(name):
+        return MODELS[name](obs_dims, int(action_dim), settings, int(seed))
+    made = load_factory(name)(obs_dims, int(action_dim), seed=int(seed))
+    if isinstance(made, WorldModel):
+        return made
+    if isinstance(made, tuple) and len(made) == 2:
+        return belief_world_model(*made)
+    raise TypeError(f"{name} returned {type(made).__name__}: expected a WorldModel or a pair "
+                    "(model, objective)")  # fmt: skip
