@@ -257,7 +257,7 @@ def test_update_takes_one_train_step_per_group_of_windows(trained):
     new, metrics = jax.jit(agent.update, static_argnums=5)(params, state, key, beliefs, {}, 2)
     ref = state
     for i, k in enumerate(jax.random.split(key, 2)):
-        group = jax.tree.map(lambda v: v[2 * i : 2 * i + 2].reshape(6, 1), beliefs)
+        group = jax.tree.map(lambda v, i=i: v[2 * i : 2 * i + 2].reshape(6, 1), beliefs)
         ref, _ = agent.train_step(params, ref, k, group)
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
