@@ -40,8 +40,8 @@ batch and time (there: a mean, so learning rates differ by that factor).
 
 Images: ``uint8`` arrays are mapped to ``[-0.5, 0.5]`` at ``image_bits`` colour depth (5, as
 VRKN and PlaNet; :func:`pssm.layers.preprocess_image`), float arrays are taken as already
-mapped; decoders predict in that space. Training: :class:`FreeNatsELBO` (free nats 3 per
-``(batch, time)`` element, as VRKN). Sites and conventions as in :mod:`pssm.core` /
+mapped; decoders predict in that space. Training: :class:`inference.objectives.FreeNatsELBO`
+(free nats 3 per ``(batch, time)`` element, as VRKN). Sites and conventions as in :mod:`pssm.core` /
 :mod:`pssm.locally_linear`: ``"z_0"``, ``"z"``, ``"obs"`` or ``"obs_<name>"``, ``"reward"``.
 """
 
@@ -55,7 +55,6 @@ from flax import nnx
 from numpyro.distributions import constraints
 
 from inference import kalman
-from inference.objectives.free_nats import FreeNatsELBO
 
 from . import nets
 from .belief import BeliefStep
@@ -75,7 +74,6 @@ from .observations import step_observations
 from .rssm import score_rewards
 
 __all__ = [
-    "FreeNatsELBO",
     "Networks",
     "VRKNBelief",
     "VRKNTransition",
