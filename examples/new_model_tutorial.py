@@ -37,6 +37,7 @@ imagining without observations does not have; see section 5 for how the belief h
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -188,10 +189,11 @@ def act(args):
     cfg = RunConfig(agent="sac-belief", model="examples.new_model_tutorial:world_model",
                     task="pendulum-swingup", variant=None, env_steps=args.env_steps,
                     seed=args.seed)  # fmt: skip
-    summary = runner.run(cfg, args.out / f"act-seed{args.seed}", progress=True, video=False)
+    run_dir = args.out / f"act-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = runner.run(cfg, run_dir, progress=True, video=False)
     print(f"final eval return {summary['final_eval_return']:.1f} (random policy "
           f"{summary['random_return']:.1f}) after {summary['env_steps']} env steps")  # fmt: skip
-    print(json.dumps(summary["evals"]))
+    print(f"evaluations (agent step, return): {json.dumps(summary['evals'])}; in {run_dir}")
     return summary
 
 
