@@ -72,8 +72,8 @@ from .extended_kalman import (
     ekf_update,
     extended_kalman_filter,
 )
+from .inputs import modalities
 from .lgssm import _covariance
-from .locally_linear import modalities
 from .observations import step_observations
 from .rssm import score_rewards
 

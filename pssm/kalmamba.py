@@ -65,8 +65,7 @@ from inference import kalman
 from . import nets
 from .belief import BeliefStep
 from .core import Structure, linear_gaussian, model_prior_conditionals, sample_latent_path
-from .layers import ConvDecoder, GaussianConvEncoder, MCDropout, preprocess_image
-from .locally_linear import (
+from .inputs import (
     Inputs,
     fuse,
     gaussian_observations,
@@ -77,6 +76,7 @@ from .locally_linear import (
     partial_observation,
     prepare_inputs,
 )
+from .layers import ConvDecoder, GaussianConvEncoder, MCDropout, preprocess_image
 from .mamba import Mamba, MambaState
 from .observations import step_observations
 from .rssm import score_rewards
@@ -259,7 +259,7 @@ def kalmamba(
         observed_dim: ``m``, how many latent coordinates the latent observations cover
             (``None``: all, ``H = I`` as the paper). With ``m < d`` the encoders emit ``m``
             coordinates and the others are never observed (RKN's ``H = [I_m, 0]``,
-            :func:`pssm.locally_linear.partial_observation`): they enter the backbone as 0
+            :func:`pssm.inputs.partial_observation`): they enter the backbone as 0
             and are filled by the dynamics' offset ``b_t(m_t, a_t)`` alone.
         name: prefix of every parameter site.
         seed: initialisation of the network weights.

@@ -1,6 +1,7 @@
 """Layers for deep state space models on images: MC dropout and the PlaNet/Dreamer conv stacks.
 
-* :class:`MCDropout`: inverted dropout with an *explicit* key,
+* :class:`MCDropout` (defined in :mod:`pssm.nets`, next to the MLP that uses it; re-exported
+  here): inverted dropout with an *explicit* key,
   ``y = x * m / (1 - rate)``, ``m_i = 1{u_i >= rate}``, ``u ~ U(0, 1)`` drawn from ``key``
   (so ``m_i ~ Bernoulli(1 - rate)``); the identity when ``key is None`` or ``rate == 0``. Keys
   are explicit so a network stays a pure function of its inputs (reproducible, and usable
@@ -38,43 +39,21 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpyro.distributions as dist
 from flax import nnx
 
-from .nets import Activation, GaussianHead, default_param_dtype
+from .nets import Activation, GaussianHead, MCDropout, default_param_dtype
 
-
-class MCDropout(nnx.Module):
-    """Inverted dropout driven by an explicit PRNG key (Monte-Carlo dropout when kept on).
-
-    ``MCDropout(rate)(x, key)`` zeroes each entry with probability ``rate`` and scales the rest
-    by ``1 / (1 - rate)``, so ``E[y] = x``; ``key=None`` (or ``rate=0``) is the identity. The
-    module holds no parameters and no state: the same ``key`` gives the same mask.
-
-    The mask is ``u >= rate`` for uniform noise ``u ~ U(0, 1)`` of ``x``'s shape, drawn from
-    ``key``, or given directly as ``noise=`` (e.g. drawn at a NumPyro sample site from
-    :meth:`noise_distribution`, so that a model and its guide share the masks; a uniform site
-    is reparameterised and continuous, so every NumPyro ELBO accepts it).
-    """
-
-    def __init__(self, rate: float):
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-        self.rate = float(rate)
-
-    @staticmethod
-    def noise_distribution(shape) -> dist.Distribution:
-        """``U(0, 1)`` noise of batch shape ``shape`` (add ``.to_event`` as needed)."""
-        return dist.Uniform(0.0, 1.0).expand(tuple(shape))
-
-    def __call__(
-        self, x: jax.Array, key: jax.Array | None = None, *, noise: jax.Array | None = None
-    ) -> jax.Array:
-        if self.rate == 0.0 or (key is None and noise is None):
-            return x
-        if noise is None:
-            noise = jax.random.uniform(key, jnp.shape(x), dtype=jnp.result_type(x))
-        return jnp.where(noise >= self.rate, x / (1.0 - self.rate), jnp.zeros_like(x))
+__all__ = [
+    "ConvDecoder",
+    "ConvEncoder",
+    "FlatImageDecoder",
+    "FlatImageEncoder",
+    "GaussianConvEncoder",
+    "MCDropout",
+    "postprocess_image",
+    "preprocess_image",
+    "upsample_nearest",
+]
 
 
 def preprocess_image(

@@ -66,7 +66,7 @@ from inference import kalman
 from . import nets
 from .belief import BeliefStep
 from .core import Structure, linear_gaussian, sample_latent_path
-from .locally_linear import Inputs, modalities, observation_sites, prepare_inputs
+from .inputs import Inputs, modalities, observation_sites, prepare_inputs
 from .observations import step_observations
 from .rssm import score_rewards
 

@@ -6,7 +6,9 @@ NumPyro program through :func:`register`, which wraps ``numpyro.contrib.module.n
 ``random_nnx_module`` (weights drawn from a prior, for Bayesian treatment). A model and a guide
 that register the same module under the same name share one parameter.
 
-* :class:`MLP`: ``x -> f_L(... f_1(x))`` with ``f_i(x) = act(W_i x + c_i)`` and a linear output.
+* :class:`MLP`: ``x -> f_L(... f_1(x))`` with ``f_i(x) = act(W_i x + c_i)`` and a linear output,
+  optionally with Monte-Carlo dropout after every hidden activation (:class:`MCDropout`:
+  inverted dropout with explicit keys or explicit uniform noise; see :mod:`pssm.layers`).
 * :class:`GaussianHead`: ``x -> (mu, sigma^2)`` with ``sigma^2 = softplus(W x + c) + floor``;
   :class:`GaussianMLP` puts an MLP in front of it (encoders, priors, inference networks).
 * :func:`scaled_sigmoid` / :class:`Bounded`: ``f(x) = lo + (hi - lo) sigmoid(x + c)`` with
@@ -24,6 +26,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 from flax import nnx
 from numpyro.contrib.module import nnx_module, random_nnx_module
 
@@ -56,10 +59,52 @@ def register(name: str, module: nnx.Module, prior=None) -> Callable:
     return random_nnx_module(name, module, prior)
 
 
+class MCDropout(nnx.Module):
+    """Inverted dropout driven by an explicit PRNG key (Monte-Carlo dropout when kept on).
+
+    ``MCDropout(rate)(x, key)`` zeroes each entry with probability ``rate`` and scales the rest
+    by ``1 / (1 - rate)``, so ``E[y] = x``; ``key=None`` (or ``rate=0``) is the identity. The
+    module holds no parameters and no state: the same ``key`` gives the same mask.
+
+    The mask is ``u >= rate`` for uniform noise ``u ~ U(0, 1)`` of ``x``'s shape, drawn from
+    ``key``, or given directly as ``noise=`` (e.g. drawn at a NumPyro sample site from
+    :meth:`noise_distribution`, so that a model and its guide share the masks; a uniform site
+    is reparameterised and continuous, so every NumPyro ELBO accepts it).
+    """
+
+    def __init__(self, rate: float):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+        self.rate = float(rate)
+
+    @staticmethod
+    def noise_distribution(shape) -> dist.Distribution:
+        """``U(0, 1)`` noise of batch shape ``shape`` (add ``.to_event`` as needed)."""
+        return dist.Uniform(0.0, 1.0).expand(tuple(shape))
+
+    def __call__(
+        self, x: jax.Array, key: jax.Array | None = None, *, noise: jax.Array | None = None
+    ) -> jax.Array:
+        if self.rate == 0.0 or (key is None and noise is None):
+            return x
+        if noise is None:
+            noise = jax.random.uniform(key, jnp.shape(x), dtype=jnp.result_type(x))
+        return jnp.where(noise >= self.rate, x / (1.0 - self.rate), jnp.zeros_like(x))
+
+
 class MLP(nnx.Module):
     """Multi-layer perceptron ``in_features -> hidden... -> out_features`` (linear output).
 
     With ``out_features=None`` the output is the last hidden layer (after its activation).
+    Weights LeCun-normal, biases zero (``nnx.Linear``'s defaults). This is the project's one MLP:
+    models and guides register it (:func:`register`), agents keep its parameters as a pure dict
+    (:func:`rl.agents._nets.network`).
+
+    With ``dropout > 0`` an :class:`MCDropout` follows every hidden activation (Monte-Carlo
+    dropout): ``mlp(x, key)`` draws the masks from ``key`` (one split per hidden layer),
+    ``mlp(x, noise=u)`` takes them from uniform noise ``u`` ``(..., noise_size)`` (the hidden
+    layers' noise concatenated, e.g. drawn at a NumPyro sample site); neither, or ``dropout=0``:
+    no dropout.
     """
 
     def __init__(
@@ -69,6 +114,7 @@ class MLP(nnx.Module):
         out_features: int | None = None,
         *,
         activation: Activation = nnx.elu,
+        dropout: float = 0.0,
         param_dtype=None,
         rngs: nnx.Rngs,
     ):
@@ -85,10 +131,26 @@ class MLP(nnx.Module):
         )
         self.activation = activation
         self.out_features = sizes[-1] if out_features is None else out_features
+        self.dropout = MCDropout(dropout)
+        self._widths = tuple(int(h) for h in hidden)
+        self.noise_size = sum(self._widths)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for i in range(self.num_hidden):
+    def __call__(
+        self, x: jax.Array, key: jax.Array | None = None, *, noise: jax.Array | None = None
+    ) -> jax.Array:
+        n = self.num_hidden
+        keys = [None] * n if key is None or noise is not None else list(jax.random.split(key, n))
+        noises = [None] * n
+        if noise is not None:
+            if noise.shape[-1] != self.noise_size:
+                raise ValueError(
+                    f"dropout noise has {noise.shape[-1]} entries, expected {self.noise_size}"
+                )
+            cuts = np.cumsum((0, *self._widths))
+            noises = [noise[..., cuts[i] : cuts[i + 1]] for i in range(n)]
+        for i in range(n):
             x = self.activation(getattr(self, f"layer{i}")(x))
+            x = self.dropout(x, keys[i], noise=noises[i])
         return x if self.out is None else self.out(x)
 
 

@@ -69,8 +69,8 @@ from numpyro.contrib.control_flow import scan
 from . import nets
 from .belief import BeliefStep
 from .core import gaussian
+from .inputs import gaussian_observations, modalities, observation_sites, prepare_inputs
 from .layers import ConvDecoder, MCDropout, preprocess_image
-from .locally_linear import gaussian_observations, modalities, observation_sites, prepare_inputs
 
 # The posterior of one step, from the guide: ``(state_t (B, deter), obs_t, mask_t, first (B,))
 # -> (mu, sigma^2)`` of ``q(z_t | ...)``; ``obs_t`` / ``mask_t`` as in :mod:`pssm.belief`.
@@ -170,7 +170,7 @@ def score_rewards(rewards: jax.Array, features: jax.Array, head) -> None:
 
 
 def is_image(shape) -> bool:
-    """Whether a modality's shape (from :func:`pssm.locally_linear.modalities`) is an image
+    """Whether a modality's shape (from :func:`pssm.inputs.modalities`) is an image
     ``(H, W, C)``."""
     return isinstance(shape, tuple) and len(shape) == 3
 

@@ -42,7 +42,7 @@ Images: ``uint8`` arrays are mapped to ``[-0.5, 0.5]`` at ``image_bits`` colour 
 VRKN and PlaNet; :func:`pssm.layers.preprocess_image`), float arrays are taken as already
 mapped; decoders predict in that space. Training: :class:`inference.objectives.FreeNatsELBO`
 (free nats 3 per ``(batch, time)`` element, as VRKN). Sites and conventions as in :mod:`pssm.core` /
-:mod:`pssm.locally_linear`: ``"z_0"``, ``"z"``, ``"obs"`` or ``"obs_<name>"``, ``"reward"``.
+:mod:`pssm.inputs`: ``"z_0"``, ``"z"``, ``"obs"`` or ``"obs_<name>"``, ``"reward"``.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -59,8 +59,7 @@ from inference import kalman
 from . import nets
 from .belief import BeliefStep
 from .core import Structure, linear_gaussian, model_prior_conditionals, sample_latent_path
-from .layers import ConvDecoder, GaussianConvEncoder, MCDropout, preprocess_image
-from .locally_linear import (
+from .inputs import (
     Inputs,
     gaussian_observations,
     latent_emissions,
@@ -70,6 +69,7 @@ from .locally_linear import (
     partial_observation,
     prepare_inputs,
 )
+from .layers import ConvDecoder, GaussianConvEncoder, MCDropout, preprocess_image
 from .observations import step_observations
 from .rssm import score_rewards
 

@@ -38,10 +38,17 @@ def _leaves(tree):
 # ---------------------------------------------------------------- numpy reference networks
 
 
-def _np_mlp(layers, x, act):
+def _layers(params):
+    """The ``(kernel, bias)`` pairs of a pssm.nets.MLP's pure dict, input layer first."""
+    names = sorted((k for k in params if k.startswith("layer")), key=lambda k: int(k[5:]))
+    return [params[k] for k in [*names, "out"]]
+
+
+def _np_mlp(params, x, act):
+    layers = _layers(params)
     for layer in layers[:-1]:
-        x = act(x @ np.asarray(layer["w"]) + np.asarray(layer["b"]))
-    return x @ np.asarray(layers[-1]["w"]) + np.asarray(layers[-1]["b"])
+        x = act(x @ np.asarray(layer["kernel"]) + np.asarray(layer["bias"]))
+    return x @ np.asarray(layers[-1]["kernel"]) + np.asarray(layers[-1]["bias"])
 
 
 def _np_relu(x):
@@ -62,8 +69,8 @@ def _np_policy(actor, obs, noise, bounds=(-5.0, 2.0)):
 
 
 def _np_q(critic, k, obs, action):
-    layers = [jax.tree.map(lambda x, k=k: np.asarray(x)[k], layer) for layer in critic]
-    return _np_mlp(layers, np.concatenate([obs, action], -1), _np_relu)[:, 0]
+    member = jax.tree.map(lambda x: np.asarray(x)[k], critic)
+    return _np_mlp(member, np.concatenate([obs, action], -1), _np_relu)[:, 0]
 
 
 # ---------------------------------------------------------------- tests
@@ -73,10 +80,10 @@ def test_shapes_bounds_and_errors():
     agent = AGENT
     state = agent.init(jax.random.key(0))
     sizes = [(P, 16), (16, 16), (16, 2 * U)]
-    assert [(layer["w"].shape, layer["b"].shape) for layer in state.actor] == [
+    assert [(layer["kernel"].shape, layer["bias"].shape) for layer in _layers(state.actor)] == [
         (s, s[1:]) for s in sizes
     ]
-    assert state.critic[0]["w"].shape == (2, P + U, 16)
+    assert _layers(state.critic)[0]["kernel"].shape == (2, P + U, 16)
     for a, b in zip(_leaves(state.critic), _leaves(state.target_critic), strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(np.exp(state.log_alpha), 0.3)
@@ -88,7 +95,8 @@ def test_shapes_bounds_and_errors():
     det1 = agent.act(state, jax.random.key(3), obs, deterministic=True)
     det2 = agent.act(state, jax.random.key(4), obs, deterministic=True)
     np.testing.assert_array_equal(det1, det2)
-    mean, _ = _nets.gaussian_policy(state.actor, obs)
+    actor = _nets.mlp(P, TINY.hidden, 2 * U, activation=TINY.activation)
+    mean, _ = _nets.gaussian_head(actor.apply(state.actor, obs))
     np.testing.assert_allclose(det1, np.tanh(mean), rtol=1e-12)
     assert not np.allclose(a, det1)
 
@@ -174,10 +182,10 @@ def test_target_networks_follow_polyak():
 
 def _with_log_std(state, raw_bias):
     """Policy with constant log-std: zero the log-std half of the output layer, set its bias."""
-    out = dict(state.actor[-1])
-    out["w"] = out["w"].at[:, U:].set(0.0)
-    out["b"] = out["b"].at[U:].set(raw_bias)
-    return state._replace(actor=(*state.actor[:-1], out))
+    out = dict(state.actor["out"])
+    out["kernel"] = out["kernel"].at[:, U:].set(0.0)
+    out["bias"] = out["bias"].at[U:].set(raw_bias)
+    return state._replace(actor={**state.actor, "out": out})
 
 
 def test_alpha_moves_towards_target_entropy():

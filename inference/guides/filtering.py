@@ -45,8 +45,8 @@ from numpyro.contrib.control_flow import scan
 
 from inference import kalman
 from pssm.core import gaussian, sample_latent_path
+from pssm.inputs import Inputs, event_shape, prepare_inputs
 from pssm.layers import ConvEncoder
-from pssm.locally_linear import Inputs, event_shape, prepare_inputs
 from pssm.nets import GRU, GaussianMLP, default_param_dtype, register
 from pssm.observations import step_observations
 

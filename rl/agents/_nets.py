@@ -1,15 +1,21 @@
-"""Small pure-JAX networks shared by the agents, as plain parameter pytrees.
+"""The agents' networks as pure functions over plain parameter pytrees.
 
-Agents keep their networks inside ``NamedTuple`` states, so the networks here are pairs of pure
-functions ``init(key, ...) -> params`` / ``apply(params, x)`` over nested tuples and dicts of
-arrays: ``jit``, ``vmap``, ``lax.scan`` and optax see nothing but arrays, and no module object
-has to be split or merged on every call. Initialisation follows Flax's ``nnx.Linear`` defaults
-(LeCun-normal weights, zero biases).
+Agents keep their networks inside ``NamedTuple`` states (checkpointed as pytrees), so a network
+here is a pair of pure functions ``init(key) -> params`` / ``apply(params, x)`` over a nested
+dict of arrays: ``jit``, ``vmap``, ``lax.scan`` and optax see nothing but arrays, and no module
+object lives in an agent's state. The network itself is the project's one MLP,
+:class:`pssm.nets.MLP` (LeCun-normal weights, zero biases: ``nnx.Linear``'s defaults):
 
-* :func:`mlp_init` / :func:`mlp_apply`: ``x -> W_L g(... g(W_1 x + c_1)) + c_L`` (linear output).
-* :func:`gaussian_policy_init` / :func:`gaussian_policy`: an MLP emitting the mean ``mu`` and
-  the log standard deviation of a diagonal Gaussian, ``log sigma = lo + (hi - lo)(tanh(y) + 1)/2``
-  (smoothly bounded in ``[lo, hi]``).
+* :func:`network`: ``(init, apply)`` of any NNX module built by ``build(rngs)``, its parameters
+  kept as NNX's pure dict (``{"layer0": {"kernel", "bias"}, ..., "out": {...}}`` for an MLP).
+* :func:`mlp`: :func:`network` of ``pssm.nets.MLP(in, hidden, out)``:
+  ``x -> W_L g(... g(W_1 x + c_1)) + c_L`` (linear output).
+* :func:`ensemble`: ``K`` independent copies of a network, parameters stacked on a leading axis
+  (``vmap`` of ``init`` over ``K`` keys and of ``apply`` over the stack; SAC's twin critics are
+  ``K = 2``).
+* :func:`gaussian_head`: an output ``y = [m, s]`` read as the mean ``mu = m`` and the log
+  standard deviation ``log sigma = lo + (hi - lo)(tanh(s) + 1)/2`` (smoothly bounded in
+  ``[lo, hi]``) of a diagonal Gaussian.
 * :func:`tanh_gaussian_sample` / :func:`tanh_gaussian_log_prob`: the tanh-squashed Gaussian of
   Haarnoja et al. (2018, "Soft Actor-Critic Algorithms and Applications", App. C)::
 
@@ -18,76 +24,95 @@ has to be split or merged on every call. Initialisation follows Flax's ``nnx.Lin
 
   with ``log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2 u))`` (exact and stable for large
   ``|u|``). The noise ``eps`` is an argument, so the sample is reparameterised and reproducible.
-* :func:`q_ensemble_init` / :func:`q_ensemble_apply`: ``K`` independent MLPs
-  ``Q_k([s, a]) -> R`` stored with a leading ensemble axis and evaluated with ``vmap``
-  (SAC's twin critics are ``K = 2``).
 * :func:`polyak`: ``target <- (1 - tau) target + tau online`` on every leaf.
 """
 
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from pssm.nets import MLP
 
 Activation = Callable[[jax.Array], jax.Array]
-Params = tuple  # tuple of {"w": (n_in, n_out), "b": (n_out,)} layers
+Params = Any  # a network's pure parameter dict (nested dicts of arrays)
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
 _LOG_2 = float(np.log(2.0))
 
 
-def _check_sizes(sizes: Sequence[int]) -> list[int]:
-    sizes = [int(s) for s in sizes]
-    if len(sizes) < 2 or any(s < 1 for s in sizes):
-        raise ValueError(f"an MLP needs >= 2 positive layer sizes (in, ..., out), got {sizes}")
-    return sizes
+class Network(NamedTuple):
+    """A network as pure functions: ``init(key) -> params``, ``apply(params, x) -> y``."""
+
+    init: Callable[[jax.Array], Params]
+    apply: Callable[[Params, jax.Array], jax.Array]
 
 
-def mlp_init(key: jax.Array, sizes: Sequence[int], dtype=None) -> Params:
-    """Parameters of an MLP with layer sizes ``sizes = (in, hidden..., out)``.
+def network(build: Callable[[nnx.Rngs], nnx.Module]) -> Network:
+    """``(init, apply)`` of the NNX module ``build(rngs)``, its parameters a pure dict.
 
-    Args:
-        key: PRNG key.
-        sizes: input size, hidden sizes, output size (at least two entries, all positive).
-        dtype: parameter dtype (default: ``float``'s, i.e. float64 under ``jax_enable_x64``).
-
-    Returns:
-        A tuple of ``{"w": (n_in, n_out), "b": (n_out,)}``, one per layer.
+    ``init(key)`` builds the module with ``nnx.Rngs(key)`` (so ``jax.vmap`` over keys gives
+    independent stacked copies) and returns ``nnx.to_pure_dict`` of its state; ``apply(params,
+    *args)`` merges them back into the module's structure and calls it.
     """
-    sizes = _check_sizes(sizes)
-    dtype = jnp.result_type(float) if dtype is None else dtype
-    init_w = jax.nn.initializers.lecun_normal()
-    keys = jax.random.split(key, len(sizes) - 1)
-    return tuple(
-        {"w": init_w(k, (n_in, n_out), dtype), "b": jnp.zeros((n_out,), dtype)}
-        for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    graphdef, template = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
+
+    def init(key):
+        return nnx.to_pure_dict(nnx.split(build(nnx.Rngs(key)))[1])
+
+    def apply(params, *args, **kwargs):
+        state = jax.tree.map(lambda v: v, template)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(graphdef, state)(*args, **kwargs)
+
+    return Network(init, apply)
+
+
+def mlp(
+    in_features: int,
+    hidden: Sequence[int],
+    out_features: int,
+    *,
+    activation: Activation = nnx.elu,
+    dtype=None,
+) -> Network:
+    """:func:`network` of :class:`pssm.nets.MLP` ``in_features -> hidden -> out_features``
+    (``activation`` after every hidden layer, linear output; ``dtype``: parameter dtype,
+    ``None``: ``float``'s)."""
+    sizes = [int(in_features), *(int(h) for h in hidden), int(out_features)]
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"an MLP needs positive layer sizes (in, ..., out), got {sizes}")
+    return network(
+        lambda rngs: MLP(
+            sizes[0], sizes[1:-1], sizes[-1], activation=activation, param_dtype=dtype, rngs=rngs
+        )
     )
 
 
-def mlp_apply(params: Params, x: jax.Array, activation: Activation = jax.nn.relu) -> jax.Array:
-    """``x (..., in) -> (..., out)``: ``activation`` after every layer but the last."""
-    for layer in params[:-1]:
-        x = activation(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
+def ensemble(net: Network, num: int) -> Network:
+    """``num`` independent copies of ``net``: ``init(key)`` stacks ``net.init`` of
+    ``jax.random.split(key, num)`` on a leading axis; ``apply(params, x) -> (num, ...)``."""
+    if num < 1:
+        raise ValueError(f"an ensemble needs at least one member, got num={num}")
+
+    def init(key):
+        return jax.vmap(net.init)(jax.random.split(key, num))
+
+    def apply(params, *args):
+        return jax.vmap(lambda p: net.apply(p, *args))(params)
+
+    return Network(init, apply)
 
 
-def gaussian_policy_init(
-    key: jax.Array, obs_dim: int, hidden: Sequence[int], action_dim: int, dtype=None
-) -> Params:
-    """An MLP ``obs_dim -> hidden -> 2 * action_dim`` (mean and raw log-std halves)."""
-    return mlp_init(key, (obs_dim, *hidden, 2 * action_dim), dtype)
-
-
-def gaussian_policy(
-    params: Params,
-    obs: jax.Array,
-    activation: Activation = jax.nn.relu,
-    log_std_bounds: tuple[float, float] = (-5.0, 2.0),
+def gaussian_head(
+    out: jax.Array, log_std_bounds: tuple[float, float] = (-5.0, 2.0)
 ) -> tuple[jax.Array, jax.Array]:
-    """``obs (..., p) -> (mean, log_std)``, each ``(..., k)``, ``log_std`` in ``log_std_bounds``."""
+    """``y (..., 2k) -> (mean, log_std)``, each ``(..., k)``, ``log_std`` in ``log_std_bounds``."""
     lo, hi = log_std_bounds
-    mean, raw = jnp.split(mlp_apply(params, obs, activation), 2, axis=-1)
+    mean, raw = jnp.split(out, 2, axis=-1)
     return mean, lo + 0.5 * (hi - lo) * (jnp.tanh(raw) + 1.0)
 
 
@@ -110,25 +135,6 @@ def tanh_gaussian_sample(
     """
     u = mean + jnp.exp(log_std) * noise
     return jnp.tanh(u), tanh_gaussian_log_prob(mean, log_std, u)
-
-
-def q_ensemble_init(
-    key: jax.Array, num: int, in_dim: int, hidden: Sequence[int], dtype=None
-) -> Params:
-    """``num`` independent MLPs ``in_dim -> hidden -> 1``, stacked on a leading axis."""
-    if num < 1:
-        raise ValueError(f"need at least one Q network, got num={num}")
-    sizes = (in_dim, *hidden, 1)
-    _check_sizes(sizes)
-    return jax.vmap(lambda k: mlp_init(k, sizes, dtype))(jax.random.split(key, num))
-
-
-def q_ensemble_apply(
-    params: Params, obs: jax.Array, action: jax.Array, activation: Activation = jax.nn.relu
-) -> jax.Array:
-    """``Q_k([obs, action])`` for every ensemble member: ``(..., p), (..., k) -> (K, ...)``."""
-    x = jnp.concatenate([obs, action], axis=-1)
-    return jax.vmap(lambda p: mlp_apply(p, x, activation)[..., 0])(params)
 
 
 def polyak(target, online, tau: float):

@@ -37,10 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
-from pssm.nets import MLP
-from rl.agents import no_memory
+from rl.agents import _nets, no_memory
 from rl.agents.returns import discount_weights, lambda_returns
 from rl.world_model import WorldModel, imagine_rollout
 
@@ -94,7 +92,8 @@ DREAMER_CPU = DreamerConfig(actor_hidden=(128, 128), critic_hidden=(128, 128))
 
 
 class AgentState(NamedTuple):
-    """Learned state: actor, critic and target critic parameters (pure dicts), optimiser
+    """Learned state: actor, critic and target critic parameters (pure dicts of
+    :class:`pssm.nets.MLP`, :func:`rl.agents._nets.mlp`), optimiser
     states and the update count."""
 
     actor: PyTree
@@ -121,22 +120,6 @@ class Dreamer(NamedTuple):
     entropy: Callable[..., jax.Array]
     actor_loss: Callable[..., tuple[jax.Array, tuple[dict, tuple]]]
     critic_loss: Callable[..., tuple[jax.Array, dict]]
-
-
-def _network(build: Callable[[nnx.Rngs], nnx.Module]):
-    """``(init, apply)`` of an NNX network whose parameters are kept as a pure dict:
-    ``init(key) -> params`` and ``apply(params, x)``."""
-    graphdef, template = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
-
-    def init(key):
-        return nnx.to_pure_dict(nnx.split(build(nnx.Rngs(key)))[1])
-
-    def apply(params, x):
-        state = jax.tree.map(lambda v: v, template)
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(graphdef, state)(x)
-
-    return init, apply
 
 
 def _log1m_tanh_sq(u):
@@ -192,8 +175,8 @@ def dreamer(wm: WorldModel, config: DreamerConfig | None = None, start_batch: in
     u, F, H = wm.action_dim, wm.feature_size, config.horizon
     raw_init_std = float(np.log(np.expm1(config.init_std - config.min_std)))
 
-    actor_init, actor_apply = _network(lambda rngs: MLP(F, config.actor_hidden, 2 * u, rngs=rngs))
-    critic_init, critic_apply = _network(lambda rngs: MLP(F, config.critic_hidden, 1, rngs=rngs))
+    actor_init, actor_apply = _nets.mlp(F, config.actor_hidden, 2 * u)
+    critic_init, critic_apply = _nets.mlp(F, config.critic_hidden, 1)
 
     def optimiser(lr):
         return optax.chain(

@@ -100,8 +100,8 @@ class SACConfig(NamedTuple):
 class SACState(NamedTuple):
     """Everything SAC learns; every leaf is an array (the state can be scanned and saved)."""
 
-    actor: _nets.Params
-    critic: _nets.Params  # K critics stacked on a leading axis
+    actor: _nets.Params  # pure dict of a pssm.nets.MLP (rl.agents._nets.mlp)
+    critic: _nets.Params  # K critics' pure dicts stacked on a leading axis
     target_critic: _nets.Params
     log_alpha: jax.Array
     actor_opt: optax.OptState
@@ -203,19 +203,24 @@ def sac(obs_dim: int, action_dim: int, *, config: SACConfig | None = None) -> SA
 
     actor_tx, critic_tx, alpha_tx = _adam(c.actor_lr), _adam(c.critic_lr), optax.adam(c.alpha_lr)
 
+    actor_net = _nets.mlp(p, c.hidden, 2 * u, activation=c.activation, dtype=dtype)
+    critic_net = _nets.ensemble(
+        _nets.mlp(p + u, c.hidden, 1, activation=c.activation, dtype=dtype), c.num_q
+    )
+
     def policy(actor, obs):
-        return _nets.gaussian_policy(actor, obs, c.activation, c.log_std_bounds)
+        return _nets.gaussian_head(actor_net.apply(actor, obs), c.log_std_bounds)
 
     def q_values(critic, obs, action):
-        return _nets.q_ensemble_apply(critic, obs, action, c.activation)
+        """``Q_k([obs, action])`` of every critic: ``(K, ...)``."""
+        return critic_net.apply(critic, jnp.concatenate([obs, action], axis=-1))[..., 0]
 
     def cast(batch):
         return {k: jnp.asarray(batch[k], dtype) for k in BATCH_KEYS}
 
     def init(key):
         k_actor, k_critic = jax.random.split(key)
-        actor = _nets.gaussian_policy_init(k_actor, p, c.hidden, u, dtype)
-        critic = _nets.q_ensemble_init(k_critic, c.num_q, p + u, c.hidden, dtype)
+        actor, critic = actor_net.init(k_actor), critic_net.init(k_critic)
         log_alpha = jnp.asarray(jnp.log(c.init_alpha), dtype)
         return SACState(
             actor=actor,
