@@ -42,23 +42,15 @@ OBS, ACT = 8, 2
 
 
 def build(name: str, latent: int, hidden: int):
-    """World model ``name`` with latent (feature) size ``latent``."""
-    if name == "rssm":
-        from rl.world_models.rssm import rssm_world_model
+    """World model ``name`` of the registry (:mod:`rl.models`) with feature size ``latent``
+    (the RSSM's split ``stoch = latent / 8``, ``deter`` the rest)."""
+    from rl.models import build as build_model
+    from rl.presets import PRESETS
 
-        stoch = max(latent // 8, 2)
-        return rssm_world_model(OBS, ACT, stoch=stoch, deter=latent - stoch, hidden=hidden)
-    if name == "vrkn":
-        from rl.world_models.vrkn import vrkn_world_model
-
-        return vrkn_world_model(OBS, ACT, latent_dim=latent, hidden=hidden,
-                                mlp_hidden=(hidden, hidden))  # fmt: skip
-    if name == "kalmamba":
-        from rl.world_models.kalmamba import kalmamba_world_model
-
-        return kalmamba_world_model(OBS, ACT, latent_dim=latent, hidden=(hidden, hidden),
-                                    d_model=hidden, d_state=16)  # fmt: skip
-    raise ValueError(f"unknown model {name!r}")
+    stoch = max(latent // 8, 2)
+    sizes = {"latent": latent, "model_hidden": hidden, "stoch": stoch, "deter": latent - stoch,
+             "d_model": hidden, "d_state": 16, "conv_depth": 32}  # fmt: skip
+    return build_model(name, OBS, ACT, {**PRESETS["gpu"]["*"], **sizes})
 
 
 def batch(B: int, T: int, seed: int = 0) -> dict:
@@ -87,7 +79,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--models", nargs="+", default=["rssm", "vrkn", "kalmamba"])
+    parser.add_argument("--models", nargs="+", default=["rssm", "vrkn", "kalmamba"],
+                        help="names of the model registry, rl.models.MODELS")  # fmt: skip
     parser.add_argument("--T", nargs="+", type=int, default=None)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)

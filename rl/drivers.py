@@ -35,7 +35,7 @@ from inference import training
 
 from . import models, presets
 from .report import model_report
-from .world_model import Acting, WorldModel, act, filter_sequence, start_acting
+from .world_model import WorldModel, act, filter_sequence, start_acting
 
 PyTree = Any
 
@@ -198,13 +198,15 @@ def model_driver(wm: WorldModel, agent, settings: dict, example_batch) -> Driver
     model_init, model_train, seq_len = world_model_trainer(wm, settings, example_batch)
 
     def step(state, acting, key, obs, mask, first, prev, explore):
+        # first and explore are traced: one compiled step serves every call of a run
         params = wm.objective.constrain(state.model.params)
-        if first:
-            acting = start_acting(wm, agent, params, 1)
-        acting = Acting(*acting)._replace(prev_action=prev.astype(jnp.result_type(float)))
+        acting = acting._replace(prev_action=prev.astype(acting.prev_action.dtype),
+                                 first=jnp.reshape(first, (1,)))  # fmt: skip
         return act(wm, agent, params, state.agent, acting, key, obs, mask, explore)
 
-    jsteps = _jit_by_explore(step)
+    jstep = jax.jit(step)
+    jstart = jax.jit(lambda state: start_acting(wm, agent, wm.objective.constrain(
+        state.model.params), 1))  # fmt: skip
 
     @partial(jax.jit, static_argnums=3)
     def agent_update(state, key, data, updates):
@@ -231,7 +233,7 @@ def model_driver(wm: WorldModel, agent, settings: dict, example_batch) -> Driver
         return state._replace(agent=agent_state), {**metrics, **_floats(agent_metrics)}
 
     def policy(state, key, explore):
-        return Policy(jsteps[explore], state, None, key, wm.action_dim)
+        return Policy(lambda *a: jstep(*a, explore), state, jstart(state), key, wm.action_dim)
 
     return Driver(init, policy, train, model_report(wm), True)
 
