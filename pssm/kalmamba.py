@@ -28,10 +28,16 @@ objective (Sec. 2) is the VRKN smoothing bound (``inference.guides.kalman_smooth
 ``TraceMeanField_ELBO``) plus the reward term minus ``alpha R``:
 :class:`inference.objectives.KalMambaELBO` (training lives in :mod:`inference`).
 
-The small networks before and after the Mamba (``pre`` and ``dyn``, SiLU) carry Monte-Carlo
-dropout (Gal & Ghahramani 2016; :class:`pssm.layers.MCDropout`), active only when a
-``dropout_key`` is passed to the model / structure (a model argument, so that the model and the
-Kalman guide of one ELBO evaluation see the *same* dynamics; ``KalMambaELBO`` draws it).
+The small networks before and after the Mamba (``pre`` and ``dyn``, SiLU; :class:`pssm.nets.MLP`
+with ``dropout``) carry Monte-Carlo dropout (Gal & Ghahramani 2016; :class:`pssm.layers.MCDropout`),
+with the convention of :mod:`pssm.vrkn` and :mod:`pssm.rssm`: the masks are a latent site
+``"<name>_dropout"`` ``(B, T, n_pre + n_dyn)`` ~ ``U(0, 1)`` (keep where ``u >= rate``; per step
+the ``pre`` layers' noise, then the ``dyn`` layers'; the last step's ``dyn`` part drives no
+transition and is unused), drawn in the forward pass (so in ``structure``): the Kalman guide
+(which calls ``structure``) draws it and the model replays the guide's draw, so both see the
+*same* dynamics in one ELBO evaluation, and the site adds exactly 0 to the ELBO (``q = p``).
+Under ``Predictive`` without a guide the masks are fresh draws. The site is drawn only under a
+``seed`` handler and with ``mc_dropout``; otherwise the networks run without dropout.
 The Mamba (:mod:`pssm.mamba`) and the Kalman filter and smoother all run as associative scans,
 so the whole forward pass is time-parallel (``parallel=True``; ``False`` runs ``lax.scan`` with
 the same numbers).
@@ -86,23 +92,12 @@ def _keys(key, n):
     return [None] * n if key is None else list(jax.random.split(key, n))
 
 
-class DropoutMLP(nnx.Module):
-    """``x -> drop(act(W_L ... drop(act(W_1 x)) ...))``: MC dropout
-    (:class:`pssm.layers.MCDropout`) after every activation, one key per layer split from the
-    call's ``key`` (``None``: no dropout). Output size ``widths[-1]``."""
-
-    def __init__(self, in_features, widths, *, rate, activation=nnx.silu, param_dtype=None, rngs):
-        dtype = param_dtype or nets.default_param_dtype()
-        sizes = [in_features, *widths]
-        self.num_layers = len(widths)
-        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            setattr(self, f"layer{i}", nnx.Linear(n_in, n_out, param_dtype=dtype, rngs=rngs))
-        self.dropout, self.activation, self.out_features = MCDropout(rate), activation, sizes[-1]
-
-    def __call__(self, x, key=None):
-        for i, k in enumerate(_keys(key, self.num_layers)):
-            x = self.dropout(self.activation(getattr(self, f"layer{i}")(x)), k)
-        return x
+def _dropout_mlp(in_features, widths, *, rate, param_dtype=None, rngs) -> nets.MLP:
+    """``x -> drop(silu(W_L ... drop(silu(W_1 x)) ...))``: :class:`pssm.nets.MLP` without an
+    output layer, MC dropout after every activation (masks from a key or uniform noise)."""
+    return nets.MLP(
+        in_features, widths, activation=nnx.silu, dropout=rate, param_dtype=param_dtype, rngs=rngs
+    )
 
 
 class Backbone(nnx.Module):
@@ -115,7 +110,7 @@ class Backbone(nnx.Module):
         **mamba,
     ):  # fmt: skip
         dtype = param_dtype or nets.default_param_dtype()
-        self.pre = DropoutMLP(
+        self.pre = _dropout_mlp(
             in_features, [d_model] * pre_layers, rate=rate, param_dtype=dtype, rngs=rngs
         )
         self.mamba = Mamba(d_model, param_dtype=dtype, rngs=rngs, **mamba)
@@ -124,28 +119,28 @@ class Backbone(nnx.Module):
     def init_state(self, batch_shape=(), dtype=None) -> tuple[MambaState, ...]:
         return self.mamba.init_state(batch_shape, dtype)
 
-    def __call__(self, x, state=None, *, key=None, parallel=True, return_states=False):
+    def __call__(self, x, state=None, *, key=None, noise=None, parallel=True, return_states=False):
         y, state = self.mamba(
-            self.pre(x, key), state, parallel=parallel, return_states=return_states
+            self.pre(x, key, noise=noise), state, parallel=parallel, return_states=return_states
         )
         return self.out(y), state
 
 
 class Dynamics(nnx.Module):
-    """``[m_t, a_t] -> (A_t, b_t, Q_t)``: a dropout MLP (SiLU), then VRKN's heads as in
+    """``[m_t, a_t] -> (A_t, b_t, Q_t)``: an MC-dropout MLP (SiLU), then VRKN's heads as in
     :class:`pssm.nets.DiagonalTransition`: ``A`` and ``Q`` squashed by
     :class:`pssm.nets.Bounded`, ``b`` linear."""
 
     def __init__(self, in_features, latent_dim, widths, *, rate, A_bounds, Q_bounds, rngs):
         dtype = nets.default_param_dtype()
-        self.trunk = DropoutMLP(in_features, widths, rate=rate, rngs=rngs)
+        self.trunk = _dropout_mlp(in_features, widths, rate=rate, param_dtype=dtype, rngs=rngs)
         n = self.trunk.out_features
         self.A = nets.Bounded(n, latent_dim, *A_bounds, rngs=rngs)
         self.b = nnx.Linear(n, latent_dim, param_dtype=dtype, rngs=rngs)
         self.Q = nets.Bounded(n, latent_dim, *Q_bounds, rngs=rngs)
 
-    def __call__(self, x, key=None):
-        h = self.trunk(x, key)
+    def __call__(self, x, key=None, noise=None):
+        h = self.trunk(x, key, noise=noise)
         return self.A(h), self.b(h), self.Q(h)
 
 
@@ -223,6 +218,7 @@ def kalmamba(
     d_conv: int = 2,
     expand: int = 2,
     dropout: float = 0.1,
+    mc_dropout: bool = True,
     reward: bool = False,
     parallel: bool = True,
     obs_var: float = 1.0,
@@ -250,7 +246,9 @@ def kalmamba(
         hidden: widths of the encoders', decoders', reward head's and dynamics' hidden layers.
         d_model, pre_layers: the backbone's width and its number of SiLU layers before the Mamba.
         num_blocks, d_state, d_conv, expand: the Mamba stack (:class:`pssm.mamba.Mamba`).
-        dropout: MC-dropout rate of the pre- and post-Mamba networks (active with a key only).
+        dropout: MC-dropout rate of the pre- and post-Mamba networks.
+        mc_dropout: draw the dropout site in the program (training, ``Predictive``); ``False``:
+            the program never drops (the belief step's ``act_dropout`` still uses ``dropout``).
         reward: build the reward head (scored when the model is given ``rewards``).
         parallel: associative scans in the Mamba (and in :meth:`regulariser`'s filter).
         obs_var, learn_obs_var, min_obs_var: decoder variances (fixed, as the paper, or learned).
@@ -265,14 +263,17 @@ def kalmamba(
         seed: initialisation of the network weights.
 
     Returns:
-        ``model(obs, actions=None, mask=None, rewards=None, dropout_key=None)`` with latent sites
-        ``"z_0"``, ``"z"``, carrying ``model.structure`` (for Kalman guides), ``model.forward``
-        (:class:`Forward` of prepared inputs), ``model.regulariser`` (``R`` per sequence),
+        ``model(obs, actions=None, mask=None, rewards=None)`` with latent sites ``"z_0"``,
+        ``"z"`` and (with ``mc_dropout`` and ``dropout > 0``, under a ``seed`` handler) the
+        dropout site ``"<name>_dropout"``, carrying ``model.structure`` (for Kalman guides),
+        ``model.forward`` (:class:`Forward` of prepared inputs; draws the dropout site),
+        ``model.regulariser`` (``R`` per sequence, of one forward pass),
         ``model.networks()`` / ``model.reward()`` / ``model.decoders()`` (register parameters,
         return pure functions), ``model.prepare`` (checked :class:`Inputs`),
         ``model.preprocess`` (images to floats), ``model.belief_step(act_dropout=False)`` (the
-        online filter, :class:`KalMambaBelief`) and the sizes ``latent_dim``, ``action_dim``,
-        ``obs_dims``, ``parallel``, ``feature_size``, ``observed_dim``.
+        online filter, :class:`KalMambaBelief`), the sizes ``latent_dim``, ``action_dim``,
+        ``obs_dims``, ``parallel``, ``feature_size``, ``observed_dim`` and ``mc_dropout``
+        (whether the program draws dropout masks).
     """
     dims = modalities(obs_dims)
     d, u, K = int(latent_dim), int(action_dim), len(dims)
@@ -330,27 +331,48 @@ def kalmamba(
         w, R = zip(*(n.encoders[k](obs[k]) for k in names), strict=True)
         return jnp.stack(w, axis=-2), jnp.stack(R, axis=-2)
 
-    def transition(n: Networks, m: jax.Array, action, key=None) -> kalman.Dynamics:
+    def transition(n: Networks, m: jax.Array, action, key=None, noise=None) -> kalman.Dynamics:
         """``A_t, b_t, Q_t = dyn([m_t, a_t])`` (``[m_t]`` without actions)."""
         x = m if not u else jnp.concatenate([m, action.astype(m.dtype)], -1)
-        return kalman.Dynamics(*n.dynamics(x, key))
+        return kalman.Dynamics(*n.dynamics(x, key, noise))
 
-    def _forward(n: Networks, x: Inputs, dropout_key=None, return_states=False) -> Forward:
+    n_pre, n_dyn = backbone.pre.noise_size, dynamics.trunk.noise_size
+    draw_masks = bool(mc_dropout) and dropout > 0.0
+
+    def dropout_noise(B: int, T: int):
+        """The dropout noise of ``pre`` and ``dyn``, ``(B, T, n_pre + n_dyn)``, or ``None`` (no
+        MC dropout in the program, or no ``seed`` handler: no key, no dropout)."""
+        if not draw_masks or numpyro.prng_key() is None:
+            return None
+        with numpyro.plate("batch", B):
+            return numpyro.sample(
+                f"{name}_dropout", MCDropout.noise_distribution((T, n_pre + n_dyn)).to_event(2)
+            )
+
+    def _forward(n: Networks, x: Inputs, *, key=None, noise=None, return_states=False) -> Forward:
+        """The inference side on whole sequences; dropout masks from uniform ``noise``
+        ``(B, T, n_pre + n_dyn)`` (the program's site) or from ``key`` (acting); neither: none."""
         w, R = encode(n, x.obs)  # (B, T, K, d)
         a_prev = _shift(x.actions) if u else None
-        k_pre, k_dyn = _keys(dropout_key, 2)
+        k_pre, k_dyn = _keys(key, 2)
+        u_pre = u_dyn = None
+        if noise is not None:
+            u_pre, u_dyn = noise[..., :n_pre], noise[:, :-1, n_pre:]
         m, state = n.backbone(
             backbone_inputs(fuse(w, R, x.mask), a_prev, x.mask),
-            key=k_pre, parallel=parallel, return_states=return_states,
+            key=k_pre, noise=u_pre, parallel=parallel, return_states=return_states,
         )  # fmt: skip
-        dyn = transition(n, m[:, :-1], x.actions[:, :-1] if u else None, k_dyn)
+        dyn = transition(n, m[:, :-1], x.actions[:, :-1] if u else None, k_dyn, u_dyn)
         emissions = (
             latent_emissions(w, R, x.mask) if observed < d else kalman.Emissions(w, R, x.mask)
         )
         return Forward(Structure(initial(n, w.shape[0]), dyn, emissions), m, state)
 
-    def forward(x: Inputs, dropout_key=None, *, return_states=False) -> Forward:
-        return _forward(networks(), x, dropout_key, return_states)
+    def forward(x: Inputs, *, return_states=False) -> Forward:
+        """The program's forward pass: registers the networks and draws the dropout site."""
+        n = networks()
+        noise = dropout_noise(*x.mask.shape[:2])
+        return _forward(n, x, noise=noise, return_states=return_states)
 
     def filtered(s: Structure) -> kalman.Gaussian:
         """The filtered beliefs ``q(z_t | o_{<=t}, a_{<t})`` ``(B, T, d)`` of a structure."""
@@ -372,26 +394,27 @@ def kalmamba(
     def prepare(obs, actions=None, mask=None) -> Inputs:
         return prepare_inputs(obs_dims, u, preprocess(obs), actions, mask)
 
-    def structure(obs, actions=None, mask=None, rewards=None, dropout_key=None) -> Structure:
-        return forward(prepare(obs, actions, mask), dropout_key).structure
+    def structure(obs, actions=None, mask=None, rewards=None) -> Structure:
+        return forward(prepare(obs, actions, mask)).structure
 
-    def regulariser(obs, actions=None, mask=None, rewards=None, dropout_key=None, *, detach=True):
-        """``R`` per sequence ``(B,)`` (Eq. 2) of one forward pass; ``detach`` stops its
-        gradient into the filtered moments (only ``m`` is pulled)."""
-        f = forward(prepare(obs, actions, mask), dropout_key)
+    def regulariser(obs, actions=None, mask=None, rewards=None, *, detach=True):
+        """``R`` per sequence ``(B,)`` (Eq. 2) of one forward pass (which draws the dropout
+        site, as ``structure`` does); ``detach`` stops its gradient into the filtered moments
+        (only ``m`` is pulled)."""
+        f = forward(prepare(obs, actions, mask))
         filt = filtered(f.structure)
         if detach:
             filt = jax.lax.stop_gradient(filt)
         return mahalanobis(f.m, filt)
 
     @linear_gaussian(structure)
-    def model(obs, actions=None, mask=None, rewards=None, dropout_key=None):
+    def model(obs, actions=None, mask=None, rewards=None):
         x = prepare(obs, actions, mask)
         if rewards is not None:  # fail before any work
             _require_reward()
             if jnp.shape(rewards) != x.mask.shape[:2]:
                 raise ValueError(f"rewards has shape {jnp.shape(rewards)}, expected (B, T)")
-        z = sample_latent_path(*model_prior_conditionals(forward(x, dropout_key).structure))
+        z = sample_latent_path(*model_prior_conditionals(forward(x).structure))
         means = {k: fn(z) for k, fn in decoder_fns().items()}
         gaussian_observations(
             x, means, sites, prefix=name, obs_var=obs_var, learn_obs_var=learn_obs_var,
@@ -433,7 +456,8 @@ def kalmamba(
         so alternating ``condition`` / ``predict`` over a sequence gives ``filter``'s beliefs (a
         fully masked step keeps the Gaussian but still advances the Mamba with ``wbar = 0`` and
         zero mask flags, as the program does). ``act_dropout``: MC-dropout masks from the steps'
-        keys (Monte-Carlo samples of the dynamics); off, the keys are unused.
+        keys (fresh Monte-Carlo samples of the dynamics, not the program's dropout site); off,
+        the keys are unused.
         """
         n = networks()
         drop = (lambda key: key) if act_dropout else (lambda key: None)
@@ -472,7 +496,7 @@ def kalmamba(
 
         def filter_(obs, actions, mask, key):
             x = prepare(obs, actions, mask)
-            f = _forward(n, x, drop(key), return_states=True)
+            f = _forward(n, x, key=drop(key), return_states=True)
             filt = filtered(f.structure)
             B, T = x.mask.shape[:2]
             a_prev = _shift(x.actions) if u else jnp.zeros((B, T, 0), filt.mean.dtype)
@@ -495,4 +519,5 @@ def kalmamba(
     model.belief_step = belief_step
     model.latent_dim, model.action_dim, model.obs_dims = d, u, dims
     model.parallel, model.feature_size, model.observed_dim = parallel, d, observed
+    model.mc_dropout = draw_masks
     return model

@@ -87,12 +87,20 @@ def models():
     return par, seq
 
 
+def seeded(fn, key):
+    """``fn`` under a ``seed`` handler (``key=None``: unseeded, so no dropout site is drawn)."""
+    return fn if key is None else handlers.seed(fn, key)
+
+
 @pytest.fixture(scope="module")
 def forward(models):
-    """Jitted ``model.forward`` of the parallel model at its initial parameters."""
+    """Jitted ``model.forward`` of the parallel model at its initial parameters, seeded with
+    ``key`` (MC-dropout masks drawn at the dropout site) or unseeded (``None``: no dropout)."""
     model = models[0]
     return jax.jit(
-        lambda obs, actions, mask, key: model.forward(model.prepare(obs, actions, mask), key)
+        lambda obs, actions, mask, key: seeded(model.forward, key)(
+            model.prepare(obs, actions, mask)
+        )
     )
 
 
@@ -103,13 +111,16 @@ def trace(models, data):
     tr = jax.jit(lambda: values(handlers.trace(handlers.seed(models[0], 0)).get_trace(**data)))()
     rng = np.random.default_rng(11)
     perturb = lambda x: np.asarray(x) * (1 + 0.1 * rng.standard_normal(np.shape(x)))
-    return tr, jax.tree.map(perturb, {k: tr[k] for k in tr if k.startswith("kalmamba_")})
+    params = {k: tr[k] for k in tr if k.startswith("kalmamba_") and k != "kalmamba_dropout"}
+    return tr, jax.tree.map(perturb, params)
 
 
 @pytest.fixture(scope="module")
 def elbo_runs(models, data):
-    """The KalMamba objective (MC dropout on, alpha = 0.5) of the parallel model, and the inner
-    ELBO of the sequential model given the wrapper's key halves by hand."""
+    """The KalMamba objective (MC dropout on, alpha = 0.5) of the parallel model; the inner ELBO
+    of the sequential model with the wrapper's first key half and, substituted in its guide, the
+    dropout masks of a forward pass seeded with the second half (what the wrapper does); and
+    the same inner ELBO with the guide's own masks."""
     key = jax.random.key(3)
     k_elbo, k_drop = jax.random.split(key)
     inner = TraceMeanField_ELBO()
@@ -118,9 +129,10 @@ def elbo_runs(models, data):
         return kalman_smoothing(model, parallel=model.parallel)
 
     def posterior(model):
-        """The forward pass and the guide's smoother with the ELBO's dropout key (the same
+        """The forward pass and the guide's smoother with the ELBO's dropout masks (the same
         computations as inside the ELBO, which the compiler shares)."""
-        f = model.forward(model.prepare(data["obs"], data["actions"], data["mask"]), k_drop)
+        x = model.prepare(data["obs"], data["actions"], data["mask"])
+        f = handlers.seed(model.forward, k_drop)(x)
         return f, jax.vmap(partial(kalman.smoother, parallel=model.parallel))(*f.structure)
 
     @jax.jit
@@ -132,8 +144,13 @@ def elbo_runs(models, data):
     @jax.jit
     def run_sequential():
         model = models[1]
-        loss = inner.loss(k_elbo, {}, model, guide(model), **data, dropout_key=k_drop)
-        return loss, posterior(model)
+        tr = handlers.trace(handlers.seed(model.forward, k_drop)).get_trace(
+            model.prepare(data["obs"], data["actions"], data["mask"])
+        )
+        masks = {"kalmamba_dropout": tr["kalmamba_dropout"]["value"]}
+        loss = inner.loss(k_elbo, {}, model, handlers.substitute(guide(model), masks), **data)
+        own_masks = inner.loss(k_elbo, {}, model, guide(model), **data)
+        return loss, posterior(model), own_masks
 
     return key, run_parallel(), run_sequential()
 
@@ -183,7 +200,7 @@ def test_causal_and_masked_entries_are_ignored(data, forward):
 def test_sequential_and_parallel_forward_passes_agree(elbo_runs):
     """Mamba by lax.scan vs associative scan, Kalman filter/smoother sequential vs parallel,
     and the ELBO (with MC dropout, same keys): equal to rounding."""
-    _, (loss, metrics, (f_par, post_par)), (loss_seq, (f_seq, post_seq)) = elbo_runs
+    _, (loss, metrics, (f_par, post_par)), (loss_seq, (f_seq, post_seq), own) = elbo_runs
     for a, b in zip(jax.tree.leaves(f_par[:2]), jax.tree.leaves(f_seq[:2]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     for a, b in [
@@ -193,9 +210,11 @@ def test_sequential_and_parallel_forward_passes_agree(elbo_runs):
         np.testing.assert_allclose(a.mean, b.mean, rtol=1e-9, atol=1e-11)
         np.testing.assert_allclose(a.cov, b.cov, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(post_par.log_likelihood, post_seq.log_likelihood, rtol=1e-10)
-    # the wrapper gives model and guide one dropout key (the second half of its key): its
-    # ELBO is the inner ELBO of the sequential model given that key
+    # the wrapper's guide draws (and its model replays) the masks of the regulariser's pass,
+    # seeded with the second half of its key: its ELBO is the inner ELBO of the sequential
+    # model given those masks, not the one with the guide's own draws
     np.testing.assert_allclose(metrics["elbo"], -loss_seq, rtol=1e-10)
+    assert not np.isclose(loss_seq, own, rtol=1e-6)
     assert np.isfinite(loss) and metrics["mahalanobis"] > 0
 
 
@@ -226,7 +245,11 @@ def test_regulariser_and_elbo_wrapper(models, data, forward, elbo_runs, trace):
     assert max(np.abs(g).max() for g in jax.tree.leaves(grad["kalmamba_backbone$params"])) > 0
 
 
-def test_mc_dropout_only_with_a_key(data, forward):
+def test_mc_dropout_site_only_under_a_seed(data, forward, trace):
+    """The dropout masks are the latent site ``"kalmamba_dropout"`` ~ U(0, 1), drawn only under
+    a seed handler (unseeded: no dropout), the same for the same seed; ``mc_dropout=False`` or
+    rate 0: no site, no dropout."""
+    assert trace[0]["kalmamba_dropout"].shape == (B, T, 1 * 4 + 6)  # pre_layers d_model + hidden
     run = partial(forward, data["obs"], data["actions"], data["mask"])
     k1, k2 = jax.random.split(jax.random.key(5))
     off, off2, on1, on1b, on2 = run(None), run(None), run(k1), run(k1), run(k2)
@@ -237,9 +260,18 @@ def test_mc_dropout_only_with_a_key(data, forward):
         assert not np.allclose(a.structure.dynamics.A, b.structure.dynamics.A)
     # the emissions come from the encoders, which have no dropout
     np.testing.assert_array_equal(on1.structure.emissions.w, off.structure.emissions.w)
-    plain = kalmamba(DIMS, D, U, **dict(SIZES, dropout=0.0))
-    fwd = jax.jit(lambda key: plain.forward(plain.prepare(*run.args), key))
-    jax.tree.map(np.testing.assert_array_equal, fwd(k1), fwd(k2))
+    for plain in (
+        kalmamba(DIMS, D, U, **dict(SIZES, dropout=0.0)),
+        kalmamba(DIMS, D, U, mc_dropout=False, **SIZES),
+    ):
+        assert not plain.mc_dropout
+        fwd = jax.jit(lambda key, m=plain: handlers.seed(m.forward, key)(m.prepare(*run.args)))
+        jax.tree.map(np.testing.assert_array_equal, fwd(k1), fwd(k2))
+        # same weights, no dropout: the unseeded pass (another compilation: to rounding)
+        close = partial(np.testing.assert_allclose, rtol=1e-12, atol=1e-14)
+        jax.tree.map(close, fwd(k1), off)
+        tr = handlers.trace(handlers.seed(plain.forward, 0)).get_trace(plain.prepare(*run.args))
+        assert "kalmamba_dropout" not in tr
 
 
 def test_likelihoods_against_hand_computation(models, data):

@@ -12,9 +12,10 @@ alternating ``observe`` / ``imagine`` gives the same beliefs. ``features`` is th
 
 Objective: ``-ELBO + alpha R`` (:class:`inference.objectives.KalMambaELBO`) with the Kalman
 smoothing guide (``parallel`` as the model), rewards scored against ``reward(z_{t+1})``. MC
-dropout is on in training (one dropout key per loss evaluation, shared by model and guide) and
-off for acting unless ``act_dropout`` (then ``observe`` / ``imagine`` / ``filter_sequence`` draw
-masks from their keys: Monte-Carlo samples of the dynamics).
+dropout is on in training (the model's latent dropout site: one set of masks per loss
+evaluation, drawn by the guide and replayed by the model) and off for acting unless
+``act_dropout`` (then ``observe`` / ``imagine`` / ``filter_sequence`` draw masks from their keys:
+Monte-Carlo samples of the dynamics).
 """
 
 from inference.guides import kalman_smoothing
@@ -46,7 +47,8 @@ def kalmamba_world_model(
         alpha: weight of the Mahalanobis regulariser (paper: 1).
         elbo: inner NumPyro ELBO (default ``TraceMeanField_ELBO()``: the analytic per-step KL of
             the VRKN bound), or a metrics wrapper such as free nats.
-        mc_dropout: MC dropout in training.
+        mc_dropout: MC dropout in training (the program's dropout site,
+            :func:`pssm.kalmamba.kalmamba`'s ``mc_dropout``).
         act_dropout: MC dropout in ``observe`` / ``imagine`` / ``filter_sequence``.
         detach_filter: stop the regulariser's gradient into the filtered belief.
         **model_kwargs: sizes and options of :func:`pssm.kalmamba.kalmamba` (``latent_dim``,
@@ -54,7 +56,9 @@ def kalmamba_world_model(
     """
     if int(action_dim) < 1:
         raise ValueError(f"a world model needs actions, got action_dim={action_dim}")
-    model = kalmamba(obs_dims, action_dim=action_dim, reward=True, **model_kwargs)
-    inner = KalMambaELBO(elbo, alpha=alpha, mc_dropout=mc_dropout, detach_filter=detach_filter)
+    model = kalmamba(
+        obs_dims, action_dim=action_dim, reward=True, mc_dropout=mc_dropout, **model_kwargs
+    )
+    inner = KalMambaELBO(elbo, alpha=alpha, detach_filter=detach_filter)
     objective = elbo_objective(model, kalman_smoothing(model, parallel=model.parallel), inner)
     return belief_world_model(model, objective, act_dropout=act_dropout)
