@@ -100,7 +100,7 @@ _AT_LEAST = {"image_size": 1, "seed": 0, "env_steps": 1, "prefill_steps": 0, "tr
 
 def _choice(field: str, value, choices) -> None:
     if value not in choices:
-        listing = ", ".join(str(c) for c in choices)
+        listing = ", ".join("none" if c is None else str(c) for c in choices)  # the CLI's spelling
         raise ConfigError(field, f"unknown {field} {value!r}; choose from {listing}")
 
 
