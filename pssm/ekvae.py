@@ -29,11 +29,13 @@ recognition model
 
 with ``L(a) <= log p(a)`` the bound of :func:`pssm.extended_kalman.auxiliary_bound` (Eqs. 16-18:
 the ``z_{t-1}`` Monte Carlo term at smoothed samples, ``z_t`` integrated out in closed form).
-With the VHP, ``log p(z_0)`` is replaced by ``F_VHP(z_0)`` (:func:`inference.objectives.
-vhp_bound`); the filter's initial belief stays the Gaussian ``N(m0, P0)`` (learned), which then
-only places the recognition model. Distortion ``D = -sum_t log p(x_t | a_t)`` (Eq. 15), rate
-``R`` the rest: :class:`inference.objectives.EKVAEBound` is a
-:class:`inference.objectives.RateDistortion`, to train as is (the bound) or under
+With the VHP (:mod:`pssm.vhp`), ``log p(z_0)`` is replaced by a lower bound ``F_VHP(z_0)``
+that the objective hands to ``model.bound`` as ``prior_bound`` (:class:`inference.objectives.
+EKVAEBound` passes :func:`inference.objectives.vhp_bound`); the filter's initial belief stays
+the Gaussian ``N(m0, P0)`` (learned), which then only places the recognition model.
+Distortion ``D = -sum_t log p(x_t | a_t)`` (Eq. 15), rate ``R`` the rest:
+:class:`inference.objectives.EKVAEBound` is a :class:`inference.objectives.RateDistortion`, to
+train as is (the bound) or under
 :class:`inference.objectives.ConstrainedELBO` / ``AnnealedELBO``.
 ``analytic=True`` takes ``E_q[log q - log f]``, ``E_q[log q_0 - log p(z_0)]`` as closed-form
 KLs; the ``log p(a_t | z_{t-1})`` terms are always single-sample estimates.
@@ -60,7 +62,6 @@ from numpyro import handlers
 from numpyro.contrib.control_flow import scan
 
 from inference import kalman
-from inference.objectives.vhp import VHP, sample_prior, vhp_bound
 
 from . import nets
 from .belief import BeliefStep
@@ -76,6 +77,7 @@ from .inputs import modalities
 from .lgssm import _covariance
 from .observations import step_observations
 from .rssm import score_rewards
+from .vhp import VHP, sample_prior
 
 
 class NeuralLinearisation(nnx.Module):
@@ -403,11 +405,14 @@ def ekvae(
 
     def bound(
         key, a, obs, actions=None, mask=None, rewards=None, *, posterior="smoother",
-        analytic=True,
+        analytic=True, prior_bound=None,
     ):  # fmt: skip
         """``{"distortion": -sum log p(x|a) [- sum log p(r|z)], "log_p_a": sum L(a), ...}`` over
         the batch, at the auxiliary sample ``a`` (inside a NumPyro parameter context); with
-        ``rewards`` the reward term is scored at the bound's sample of ``z``."""
+        ``rewards`` the reward term is scored at the bound's sample of ``z``. With a VHP,
+        ``prior_bound(key, prior, posterior, z_0) <= log p(z_0)`` estimates the prior's
+        log-density from its two networks (:func:`inference.objectives.vhp_bound`); it is
+        unused with the Gaussian prior."""
         obs, n, T, observed = check(obs, actions, mask)
         H_, R_, prior, transition_fn = parameters()
         clean = jnp.where(observed[..., None], obs, 0.0)
@@ -415,9 +420,15 @@ def ekvae(
         distortion = -jnp.sum(jnp.where(observed, log_px, 0.0))
         log_prior = None
         if vhp is not None:
+            if prior_bound is None:
+                raise ValueError(
+                    "this EKVAE's prior of z_0 is a VHP: pass prior_bound, a lower bound "
+                    "(key, prior, posterior, z_0) -> F <= log p(z_0) such as "
+                    "inference.objectives.vhp_bound"
+                )
             prior_fn = nets.register("vhp_prior", vhp.prior)
             posterior_fn = nets.register("vhp_posterior", vhp.posterior)
-            log_prior = lambda k, z0: vhp_bound(k, prior_fn, posterior_fn, z0)
+            log_prior = lambda k, z0: prior_bound(k, prior_fn, posterior_fn, z0)
         one = partial(auxiliary_bound, transition=transition_fn, prior=prior, H=H_, R=R_,
                       posterior=posterior, log_prior=log_prior, analytic=analytic)  # fmt: skip
         keys = jax.random.split(key, n)

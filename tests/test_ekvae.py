@@ -12,10 +12,11 @@ from numpyro import handlers
 
 from inference import kalman, objectives, training
 from inference.guides import ekvae_guide
-from inference.objectives import VHP, EKVAEBound, vhp_bound
+from inference.objectives import EKVAEBound, vhp_bound
 from pssm.ekvae import NeuralLinearisation, ekvae, infer_latents
 from pssm.extended_kalman import auxiliary_bound, extended_kalman_filter, extended_kalman_smoother
 from pssm.lgssm import lgssm
+from pssm.vhp import VHP
 from tests.kalman_reference import DenseModel, condition
 
 D, PA, U, T = 3, 2, 1, 6

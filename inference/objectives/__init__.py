@@ -30,10 +30,9 @@ from .ekvae import EKVAEBound
 from .free_nats import FreeNatsELBO
 from .kalmamba import KalMambaELBO
 from .path_kl import PathKLELBO, path_kl_elbo
-from .vhp import VHP, sample_posterior, sample_prior, vhp_bound
+from .vhp import sample_posterior, vhp_bound
 
 __all__ = [
-    "VHP",
     "AnnealState",
     "AnnealedELBO",
     "ConstrainedELBO",
@@ -51,7 +50,6 @@ __all__ = [
     "linear_warmup",
     "path_kl_elbo",
     "sample_posterior",
-    "sample_prior",
     "update_multiplier",
     "vhp_bound",
 ]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from numpyro import handlers
 
 from .constrained import RateDistortionELBO
+from .vhp import vhp_bound
 
 __all__ = ["EKVAEBound"]
 
@@ -69,7 +70,8 @@ class EKVAEBound(RateDistortionELBO):
                 log_q = jnp.sum(tr[site]["fn"].log_prob(a))
             with handlers.block(), handlers.substitute(data=param_map):
                 out = model.bound(k_bound, a, *args, posterior=self.posterior,
-                                  analytic=self.analytic, **kwargs)  # fmt: skip
+                                  analytic=self.analytic, prior_bound=vhp_bound,
+                                  **kwargs)  # fmt: skip
             return {"distortion": out["distortion"], "rate": log_q - out["log_p_a"],
                     "rate_initial": -out["initial"], "rate_transition": -out["transition"],
                     "posterior_kl": out["posterior_kl"], "log_q_a": log_q,

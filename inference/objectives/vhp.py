@@ -1,4 +1,6 @@
-"""Variational hierarchical prior (VHP): a learned empirical-Bayes prior on the initial state.
+"""Variational hierarchical prior (VHP): a learned empirical-Bayes prior on the initial state,
+inference's part (the bound and the guide's site); the networks and the model's sites are
+:mod:`pssm.vhp`'s.
 
 Klushyn et al. (2019, "Learning Hierarchical Priors in VAEs", NeurIPS) and, for state space
 models, Klushyn et al. (2021, "Latent Matters: Learning Deep State-Space Models", Sec. 3.1,
@@ -20,58 +22,23 @@ at the linear-Gaussian exact posterior (checked in ``tests/test_ekvae.py``).
 
 Two ways to use it:
 
-* inside NumPyro programs: :func:`sample_prior` in the model (sites ``zeta`` then ``z``) and
-  :func:`sample_posterior` in the guide (site ``zeta`` given the guide's ``z``); any ELBO then
-  estimates ``F_VHP`` as part of the model's ELBO;
-* as a number: :func:`vhp_bound`, e.g. inside the EKVAE rate (Latent Matters Eq. 18).
+* inside NumPyro programs: :func:`pssm.vhp.sample_prior` in the model (sites ``zeta`` then
+  ``z``) and :func:`sample_posterior` in the guide (site ``zeta`` given the guide's ``z``); any
+  ELBO then estimates ``F_VHP`` as part of the model's ELBO;
+* as a number: :func:`vhp_bound`, e.g. inside the EKVAE rate (Latent Matters Eq. 18:
+  :class:`inference.objectives.EKVAEBound` hands it to the model's ``bound`` as
+  ``prior_bound``).
 """
-
-from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
-from flax import nnx
 
-from pssm import nets
+from pssm.vhp import GaussianFn
+from pssm.vhp import diagonal_normal as _normal
 
-GaussianFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
-
-
-class VHP(nnx.Module):
-    """The two networks of a VHP: ``prior`` ``zeta -> (mu, sigma^2)`` of ``p(z | zeta)`` and
-    ``posterior`` ``z -> (nu, s^2)`` of ``q(zeta | z)`` (both :class:`pssm.nets.GaussianMLP`;
-    ``hidden=()`` makes them affine)."""
-
-    def __init__(
-        self,
-        latent_dim: int,
-        zeta_dim: int,
-        hidden: Sequence[int] = (64,),
-        *,
-        min_var: float = 1e-4,
-        init_var: float = 1.0,
-        activation=nnx.elu,
-        param_dtype=None,
-        rngs: nnx.Rngs,
-    ):
-        if latent_dim < 1 or zeta_dim < 1:
-            raise ValueError(f"need latent_dim, zeta_dim >= 1, got {latent_dim}, {zeta_dim}")
-        kw = dict(
-            min_var=min_var,
-            init_var=init_var,
-            activation=activation,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-        self.prior = nets.GaussianMLP(zeta_dim, hidden, latent_dim, **kw)
-        self.posterior = nets.GaussianMLP(latent_dim, hidden, zeta_dim, **kw)
-        self.latent_dim, self.zeta_dim = latent_dim, zeta_dim
-
-
-def _normal(mean, var):
-    return dist.Normal(mean, jnp.sqrt(var)).to_event(1)
+__all__ = ["sample_posterior", "vhp_bound"]
 
 
 def vhp_bound(
@@ -110,18 +77,6 @@ def vhp_bound(
     standard = dist.Normal(jnp.zeros_like(q_mean), 1.0).to_event(1)
     ratio = standard.log_prob(zeta) - _normal(q_mean, q_var).log_prob(zeta)
     return log_lik + jnp.mean(ratio, axis=0)
-
-
-def sample_prior(
-    prior: GaussianFn, zeta_dim: int, batch_shape: tuple, *, site: str, zeta_site: str = "zeta"
-) -> jax.Array:
-    """Model side: ``zeta ~ N(0, I)`` (site ``zeta_site``), then ``z ~ p(z | zeta)`` (site
-    ``site``). Call inside the plates that give ``batch_shape``."""
-    dtype = nets.default_param_dtype()
-    zeta = numpyro.sample(
-        zeta_site, dist.Normal(jnp.zeros((*batch_shape, zeta_dim), dtype), 1.0).to_event(1)
-    )
-    return numpyro.sample(site, _normal(*prior(zeta)))
 
 
 def sample_posterior(posterior: GaussianFn, z: jax.Array, *, zeta_site: str = "zeta") -> jax.Array:
