@@ -18,13 +18,30 @@ from collections.abc import Callable
 
 from .world_model import WorldModel, belief_world_model
 
+#: ``(KL balance, free nats)`` per family with ``--set objective=paper`` (KalMamba paper,
+#: Table 2: RSSM 0.8, VRKN and KalMamba 0.5; free nats 3 for all three)
+PAPER_OBJECTIVE = {"rssm": (0.8, 3.0), "vrkn": (0.5, 3.0), "kalmamba": (0.5, 3.0)}
+
+
+def _elbo(family: str, s: dict):
+    """The ELBO a family trains with under the run's ``objective`` setting (``None``: the
+    family's default)."""
+    if s.get("objective", "default") == "default":
+        return None
+    if s["objective"] != "paper":
+        raise ValueError(f"unknown objective {s['objective']!r}; choose default or paper")
+    from inference.objectives import FreeNatsELBO
+
+    balance, free_nats = PAPER_OBJECTIVE[family]
+    return FreeNatsELBO(free_nats, balance=balance)
+
 
 def _rssm(dims, u, s, seed, **kw):
     from .world_models.rssm import rssm_world_model
 
     return rssm_world_model(dims, u, stoch=int(s["stoch"]), deter=int(s["deter"]),
                             hidden=int(s["model_hidden"]), conv_depth=int(s["conv_depth"]),
-                            seed=seed, **kw)  # fmt: skip
+                            elbo=_elbo("rssm", s), seed=seed, **kw)  # fmt: skip
 
 
 def _vrkn(dims, u, s, seed, mc_dropout=None):
@@ -34,7 +51,7 @@ def _vrkn(dims, u, s, seed, mc_dropout=None):
     mcd = bool(s["mc_dropout"]) if mc_dropout is None else mc_dropout
     return vrkn_world_model(dims, u, latent_dim=int(s["latent"]), hidden=h, mlp_hidden=(h, h),
                             mc_dropout=mcd, seed=seed, features=str(s["features"]),
-                            conv_depth=int(s["conv_depth"]))  # fmt: skip
+                            conv_depth=int(s["conv_depth"]), elbo=_elbo("vrkn", s))  # fmt: skip
 
 
 def _kalmamba(dims, u, s, seed):
@@ -44,7 +61,8 @@ def _kalmamba(dims, u, s, seed):
     return kalmamba_world_model(dims, u, mc_dropout=bool(s["mc_dropout"]),
                                 latent_dim=int(s["latent"]), hidden=(h, h),
                                 d_model=int(s["d_model"]), d_state=int(s["d_state"]), seed=seed,
-                                conv_depth=int(s["conv_depth"]))  # fmt: skip
+                                conv_depth=int(s["conv_depth"]),
+                                elbo=_elbo("kalmamba", s))  # fmt: skip
 
 
 def _lvssf(dims, u, s, seed):

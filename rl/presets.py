@@ -7,7 +7,9 @@ name=value`` overrides (:attr:`rl.config.RunConfig.overrides`). ``planet.<field>
 / :class:`rl.agents.dreamer.DreamerConfig`. Who reads what: the world-model trainer
 (``model_lr``, ``model_batch``, ``seq_len``, ``model_pool``), the model registry
 (:mod:`rl.models`: ``latent``, ``model_hidden``, ``stoch``, ``deter``, ``conv_depth``,
-``d_model``, ``d_state``, ``mc_dropout``, ``features``), the agents (``hidden``,
+``d_model``, ``d_state``, ``mc_dropout``, ``features``, ``objective``: ``"default"`` or
+``"paper"``, the KalMamba paper's Table 2 training of RSSM, VRKN and KalMamba: KL balancing
+and free nats, :data:`rl.models.PAPER_OBJECTIVE`), the agents (``hidden``,
 ``batch_size``, ``start_batch``, ``planet``, ``dreamer``).
 """
 
@@ -60,6 +62,9 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 
+#: settings whose value is one of a few names
+CHOICES = {"features": ("mean", "sample"), "objective": ("default", "paper")}
+
 #: settings a run may override (``planet.<field>`` / ``dreamer.<field>`` besides)
 SETTINGS = tuple(sorted(k for k in PRESETS["cpu"]["*"] if k not in ("planet", "dreamer")))
 
@@ -67,11 +72,13 @@ SETTINGS = tuple(sorted(k for k in PRESETS["cpu"]["*"] if k not in ("planet", "d
 def check_overrides(overrides) -> None:
     """``ValueError`` naming any override that nothing reads (a typo would be ignored)."""
     base = PRESETS["cpu"]["*"]
-    for name, _ in overrides:
+    for name, value in overrides:
         prefix, _, field = name.partition(".")
         if name not in SETTINGS and field not in getattr(base.get(prefix), "_fields", ()):
             raise ValueError(f"unknown override {name!r}; known: {SETTINGS} and planet.<field>, "
                              "dreamer.<field>")  # fmt: skip
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ValueError(f"override {name}={value!r}: choose from {CHOICES[name]}")
 
 
 def settings(cfg) -> dict:
