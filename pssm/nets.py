@@ -249,7 +249,9 @@ class GRU(nnx.Module):
 
 
 class GaussianMLP(nnx.Module):
-    """:class:`MLP` trunk followed by a :class:`GaussianHead`: ``x -> (mean, variance)``."""
+    """:class:`MLP` trunk followed by a :class:`GaussianHead`: ``x -> (mean, variance)``; with
+    ``dropout > 0`` the trunk's MC dropout takes masks from ``key`` or ``noise`` (``(...,
+    noise_size)``) as :class:`MLP` does."""
 
     def __init__(
         self,
@@ -260,12 +262,14 @@ class GaussianMLP(nnx.Module):
         min_var: float = 1e-3,
         init_var: float = 1.0,
         activation: Activation = nnx.elu,
+        dropout: float = 0.0,
         param_dtype=None,
         rngs: nnx.Rngs,
     ):
         self.trunk = MLP(
-            in_features, hidden, activation=activation, param_dtype=param_dtype, rngs=rngs
-        )
+            in_features, hidden, activation=activation, dropout=dropout,
+            param_dtype=param_dtype, rngs=rngs,
+        )  # fmt: skip
         self.head = GaussianHead(
             self.trunk.out_features,
             out_features,
@@ -274,9 +278,10 @@ class GaussianMLP(nnx.Module):
             param_dtype=param_dtype,
             rngs=rngs,
         )
+        self.noise_size = self.trunk.noise_size
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return self.head(self.trunk(x))
+    def __call__(self, x: jax.Array, key=None, *, noise=None) -> tuple[jax.Array, jax.Array]:
+        return self.head(self.trunk(x, key, noise=noise))
 
 
 class DiagonalTransition(nnx.Module):

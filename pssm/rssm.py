@@ -77,25 +77,6 @@ from .layers import ConvDecoder, MCDropout, preprocess_image
 StepPosterior = Callable[..., tuple[jax.Array, jax.Array]]
 
 
-def _dropout_mlp(mlp: nets.MLP, x, dropout: MCDropout, key=None, noise=None):
-    """``mlp(x)`` with ``dropout`` after every hidden activation; masks from ``key`` or from
-    uniform ``noise`` ``(..., sum of hidden widths)``; neither (or rate 0): ``mlp(x)`` exactly."""
-    n = mlp.num_hidden
-    keys = [None] * n if key is None else list(jax.random.split(key, n))
-    widths = [getattr(mlp, f"layer{i}").out_features for i in range(n)]
-    if noise is not None:
-        if noise.shape[-1] != sum(widths):
-            raise ValueError(f"dropout noise has {noise.shape[-1]} entries, expected {sum(widths)}")
-        cuts = [sum(widths[:i]) for i in range(n + 1)]
-        noises = [noise[..., cuts[i] : cuts[i + 1]] for i in range(n)]
-    else:
-        noises = [None] * n
-    for i in range(n):
-        x = mlp.activation(getattr(mlp, f"layer{i}")(x))
-        x = dropout(x, keys[i], noise=noises[i])
-    return x if mlp.out is None else mlp.out(x)
-
-
 class DeterministicPath(nnx.Module):
     """``h_t = GRU(h_{t-1}, act(W [z_{t-1}, a_{t-1}] + c))``, the RSSM's deterministic path,
     with optional MC dropout after the hidden layers (masks from ``key`` or ``noise``)."""
@@ -110,27 +91,13 @@ class DeterministicPath(nnx.Module):
         rate: float = 0.0,
         rngs,
     ):
-        self.inputs = nets.MLP(stoch + action_dim, hidden, rngs=rngs)
+        self.inputs = nets.MLP(stoch + action_dim, hidden, dropout=rate, rngs=rngs)
         self.gru = nets.GRU(self.inputs.out_features, deter, rngs=rngs)
-        self.dropout = MCDropout(rate)
-        self.noise_size = sum(hidden)
+        self.noise_size = self.inputs.noise_size
 
     def __call__(self, h_prev, z_prev, a_prev, key=None, *, noise=None) -> jax.Array:
         x = jnp.concatenate([z_prev, a_prev], axis=-1)
-        return self.gru(h_prev, _dropout_mlp(self.inputs, x, self.dropout, key, noise))
-
-
-class Prior(nets.GaussianMLP):
-    """``h -> (mu, sigma^2)`` of ``p(z_t | h_t)``: :class:`pssm.nets.GaussianMLP` (same weights
-    and layout) with optional MC dropout after its hidden layers."""
-
-    def __init__(self, deter, hidden, stoch, *, min_var, rate: float = 0.0, rngs):
-        super().__init__(deter, hidden, stoch, min_var=min_var, rngs=rngs)
-        self.dropout = MCDropout(rate)
-        self.noise_size = sum(hidden)
-
-    def __call__(self, h, key=None, *, noise=None) -> tuple[jax.Array, jax.Array]:
-        return self.head(_dropout_mlp(self.trunk, h, self.dropout, key, noise))
+        return self.gru(h_prev, self.inputs(x, key, noise=noise))
 
 
 class DropoutNoise(NamedTuple):
@@ -242,7 +209,7 @@ def rssm(
     widths = (int(hidden),) if isinstance(hidden, int) else tuple(int(h) for h in hidden)
     rngs = nnx.Rngs(seed)
     path = DeterministicPath(stoch, u, deter, widths, rate=rate, rngs=rngs)
-    prior = Prior(deter, widths, stoch, min_var=min_var, rate=rate, rngs=rngs)
+    prior = nets.GaussianMLP(deter, widths, stoch, min_var=min_var, dropout=rate, rngs=rngs)
     F = deter + stoch
     decoders = {
         k: ConvDecoder(F, s, depth=conv_depth, rngs=rngs)
