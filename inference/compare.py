@@ -39,21 +39,16 @@ from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from inference import training
+from pssm.core import ExactLikelihood
 
 
 def log_likelihood(model: Callable, params: dict, **data) -> jax.Array | None:
-    """Exact ``log p(obs)`` per sequence ``(B,)`` when the model has one, else ``None``:
-    ``pssm.core.exact_log_likelihood`` for models declared ``linear_gaussian(exact=True)``,
-    the Kalman likelihood of ``model.marginal_structure`` for models that carry one (e.g.
-    ``pssm.auxiliary.auxiliary_lgssm`` with its linear decoder)."""
-    if getattr(model, "exact", False):
-        from pssm.core import exact_log_likelihood
-
-        return exact_log_likelihood(model, params, **data)
-    if hasattr(model, "marginal_structure"):
-        from pssm.auxiliary import marginal_log_likelihood
-
-        return marginal_log_likelihood(model, params, **data)
+    """Exact ``log p(obs)`` per sequence ``(B,)`` when the model offers one
+    (:class:`pssm.core.ExactLikelihood`: ``model.exact_log_likelihood``, e.g. a model declared
+    ``linear_gaussian(exact=True)`` or ``pssm.auxiliary.auxiliary_lgssm`` with its linear
+    decoder), else ``None``."""
+    if isinstance(model, ExactLikelihood):
+        return model.exact_log_likelihood(params, **data)
     return None
 
 

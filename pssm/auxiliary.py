@@ -7,19 +7,23 @@
 (Klushyn et al., 2021, "Latent Matters", Eqs. 11-12; Fraccaro et al., 2017, KVAE). The latent
 path is Gaussian given the auxiliary variables, so a guide samples ``a`` from an amortised
 encoder ``q(a_t | o_t)`` and then ``z`` exactly from ``p(z | a_{0:T-1})`` by Kalman smoothing
-(:func:`inference.guides.auxiliary`). The protocol that guide reads: ``model.structure(a,
-actions, mask)`` gives the latent LGSSM with ``a`` as pseudo-observations, and
-``model.auxiliary_site`` / ``model.auxiliary_dim`` / ``model.obs_dim`` name and size the sites.
+(:func:`inference.guides.auxiliary`). The protocols that guide reads
+(:class:`pssm.core.AuxiliaryVariables`, :class:`pssm.core.AuxiliarySizes`):
+``model.structure(a, actions, mask)`` gives the latent LGSSM with ``a`` as
+pseudo-observations, and ``model.auxiliary_site`` / ``model.auxiliary_dim`` /
+``model.obs_dim`` name and size the sites.
 
 With the linear decoder, ``a`` integrates out in closed form: ``o`` is itself an LGSSM with
 
     H' = C H,   R' = C R C^T + S,
 
 so the exact ``log p(o)`` exists (:func:`marginal_log_likelihood`, via
-``model.marginal_structure``) and every ELBO can be checked against it.
+``model.marginal_structure``), offered as ``model.exact_log_likelihood``
+(:class:`pssm.core.ExactLikelihood`), and every ELBO can be checked against it.
 """
 
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +118,8 @@ def auxiliary_lgssm(
         (steps with ``mask`` false contribute neither ``a`` nor ``o``: ``a_t`` of a missing
         step is a leaf whose density integrates to one). It carries ``structure(a, actions,
         mask)``, ``auxiliary_site``, ``auxiliary_dim``, ``obs_dim`` and, for the linear
-        decoder, ``marginal_structure(obs, actions, mask)``.
+        decoder, ``marginal_structure(obs, actions, mask)`` and ``exact_log_likelihood(params,
+        obs, actions, mask)`` (:func:`marginal_log_likelihood`).
     """
     learn = set(learn)
     unknown = learn - _LATENT - {"C", "S"}
@@ -190,6 +195,7 @@ def auxiliary_lgssm(
             return Structure(s.prior, s.dynamics, kalman.Emissions(obs, R_, s.emissions.mask, H_))
 
         model.marginal_structure = marginal_structure
+        model.exact_log_likelihood = partial(marginal_log_likelihood, model)
     return model
 
 

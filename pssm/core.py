@@ -14,7 +14,14 @@ Models that admit closed-form inference of ``z`` carry a ``structure`` function 
 :func:`linear_gaussian`) returning the latent linear-Gaussian SSM of a batch as a
 :class:`Structure` (``inference.kalman`` containers with a leading batch axis). A guide calls
 ``model.structure(...)``; its ``numpyro.param`` / Flax-module sites have the same names as the
-model's, so model and guide share them. Nothing else of a model is visible to a guide.
+model's, so model and guide share them.
+
+Everything else inference may read of a model is declared as a ``typing.Protocol`` in
+:mod:`pssm.protocols` and re-exported here (:class:`LinearGaussian`, :class:`ExactLikelihood`,
+:class:`AuxiliaryVariables`, :class:`AuxiliarySizes`, :class:`FlatAuxiliary`,
+:class:`AuxiliaryBound`, :class:`DeterministicPath`, :class:`Dimensions`,
+:class:`Preprocessed`, :class:`Regularised`, and :func:`require`, the check with a clear error).
+Nothing else of a model is visible to a guide or objective.
 
 Models that can act carry ``model.belief_step()`` returning a :class:`BeliefStep` (declared in
 :mod:`pssm.belief`, re-exported here): the online filter agents call, built from the same step
@@ -22,6 +29,7 @@ functions the model's program scans for its filtered beliefs.
 """
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -35,7 +43,21 @@ from numpyro.contrib.control_flow import scan
 from inference import kalman
 from inference.kalman._validate import check_mask
 
-from .belief import Belief, BeliefStep  # noqa: F401  (the protocols a model offers, in one place)
+# the protocols a model offers, in one place
+from .belief import Belief, BeliefStep  # noqa: F401
+from .protocols import (  # noqa: F401
+    AuxiliaryBound,
+    AuxiliarySizes,
+    AuxiliaryVariables,
+    DeterministicPath,
+    Dimensions,
+    ExactLikelihood,
+    FlatAuxiliary,
+    LinearGaussian,
+    Preprocessed,
+    Regularised,
+    require,
+)
 
 
 class Structure(NamedTuple):
@@ -59,12 +81,15 @@ def linear_gaussian(
 
     ``exact=True`` declares that the structure's emissions *are* the model's observation
     likelihood (a textbook LGSSM), so the Kalman log-likelihood is the model's exact
-    ``log p(obs)`` (see :func:`exact_log_likelihood`).
+    ``log p(obs)``: the model then offers :class:`ExactLikelihood`
+    (``model.exact_log_likelihood(params, ...)``, :func:`exact_log_likelihood`).
     """
 
     def attach(model: Callable) -> Callable:
         model.structure = structure
         model.exact = exact
+        if exact:
+            model.exact_log_likelihood = partial(exact_log_likelihood, model)
         return model
 
     return attach

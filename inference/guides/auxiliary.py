@@ -12,16 +12,16 @@ sampled ``a`` as pseudo-observations, sampled forward through its smoothed dynam
 where ``log p(a)`` is the Kalman marginal likelihood of the pseudo-observations; the only gap
 left is ``KL(q(a | o) || p(a | o))``.
 
-Protocol (what the guide reads of a model, nothing else):
+Protocols (what the guide reads of a model, nothing else; declared in :mod:`pssm.core`):
 
-* ``model.structure(a, actions, mask)``: the latent LGSSM (:class:`pssm.core.Structure`) whose
-  emissions are the auxiliary variables ``a`` ``(B, T, p_a)``, declared with
-  ``pssm.core.linear_gaussian``; its parameter sites are shared with the model.
-* ``model.auxiliary_site``: name of the model's auxiliary sample site (e.g. ``"a"``), a
-  ``(B, T, p_a)`` value inside ``numpyro.plate("batch", B)`` with event shape ``(T, p_a)``,
-  masked like the observations.
-* ``model.auxiliary_dim`` (``p_a``) and ``model.obs_dim`` (``p``): sizes for the default
-  encoder (not needed when an encoder is given).
+* :class:`pssm.core.AuxiliaryVariables`: ``model.structure(a, actions, mask)``, the latent
+  LGSSM (:class:`pssm.core.Structure`) whose emissions are the auxiliary variables ``a``
+  ``(B, T, p_a)``, declared with ``pssm.core.linear_gaussian``, its parameter sites shared
+  with the model; ``model.auxiliary_site``, the name of the model's auxiliary sample site
+  (e.g. ``"a"``), a ``(B, T, p_a)`` value inside ``numpyro.plate("batch", B)`` with event
+  shape ``(T, p_a)``, masked like the observations.
+* :class:`pssm.core.AuxiliarySizes`: ``model.auxiliary_dim`` (``p_a``) and ``model.obs_dim``
+  (``p``), sizes for the default encoder (not needed when an encoder is given).
 
 :func:`pssm.auxiliary.auxiliary_lgssm` is a model following it.
 """
@@ -37,7 +37,7 @@ from flax import nnx
 from numpyro.contrib.module import nnx_module
 
 from inference import kalman
-from pssm.core import sample_latent_path
+from pssm.core import AuxiliarySizes, AuxiliaryVariables, require, sample_latent_path
 
 
 class GaussianEncoder(nnx.Module):
@@ -96,14 +96,10 @@ def auxiliary(
         encoder at a zero input) is masked out of the guide's density as of the model's, and
         the smoother treats the step as missing.
     """
-    for attribute in ("structure", "auxiliary_site"):
-        if not hasattr(model, attribute):
-            raise TypeError(
-                f"the auxiliary guide needs a model carrying `{attribute}` (see "
-                "inference.guides.auxiliary for the protocol)"
-            )
+    require(model, AuxiliaryVariables, "the auxiliary guide")
     site = model.auxiliary_site
     if encoder is None:
+        require(model, AuxiliarySizes, "the auxiliary guide's default encoder (else pass encoder=)")
         encoder = GaussianEncoder(model.obs_dim, model.auxiliary_dim, hidden, rngs=nnx.Rngs(seed))
 
     def guide(obs, actions=None, mask=None):

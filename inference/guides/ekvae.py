@@ -17,6 +17,7 @@ from flax import nnx
 
 from inference.objectives.vhp import sample_posterior
 from pssm import nets
+from pssm.core import FlatAuxiliary, require
 
 from .auxiliary import GaussianEncoder, auxiliary
 
@@ -35,7 +36,8 @@ def ekvae_guide(
     ``zeta ~ q(zeta | z_0)`` when the model has a VHP.
 
     Args:
-        model: an :func:`pssm.ekvae.ekvae` model.
+        model: an :func:`pssm.ekvae.ekvae` model, or any following
+            :class:`pssm.core.FlatAuxiliary`.
         encoder: NNX module ``x -> (loc, scale)`` of ``a`` (default
             :class:`inference.guides.auxiliary.GaussianEncoder` with ``hidden`` layers), site
             ``"encoder"``.
@@ -45,6 +47,7 @@ def ekvae_guide(
         model takes them; ``rewards`` are the model's alone) with attributes ``encoder``,
         ``encoder_name`` and ``auxiliary_posterior``.
     """
+    require(model, FlatAuxiliary, "ekvae_guide")
     if encoder is None:
         encoder = GaussianEncoder(model.obs_dim, model.auxiliary_dim, hidden, rngs=nnx.Rngs(seed))
     base = auxiliary(model, encoder=encoder, name="encoder")

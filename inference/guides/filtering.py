@@ -6,9 +6,10 @@ Each factor sees the past (through the sampled previous state) and the current o
 only, never the future: the RSSM bound of the VRKN paper (Becker & Neumann 2022, Eq. 3). The
 closed-form member uses the exact one-step posterior ``p(z_t | z_{t-1}, o_t)`` of a model's
 latent LGSSM (the VRKN paper's "CF" variant of Figure 2); it reads the model only through
-``model.structure``. The amortised member (:func:`filtering`) learns the factors with a network,
-the RSSM posterior of Hafner et al. (2019, "Learning Latent Dynamics for Planning from Pixels",
-Fig. 2c; the encoder lives in the guide, the inference network):
+``model.structure`` (:class:`pssm.core.LinearGaussian`). The amortised member
+(:func:`filtering`) learns the factors with a network, the RSSM posterior of Hafner et al.
+(2019, "Learning Latent Dynamics for Planning from Pixels", Fig. 2c; the encoder lives in the
+guide, the inference network):
 
     e_t = [emb_1(o_t^(1)) m_t^1, ..., emb_K(o_t^(K)) m_t^K]     embeddings, 0 where missing
     h_0 = 0,   h_t = f(h_{t-1}, z_{t-1}, a_{t-1})                  the model's deterministic path
@@ -20,6 +21,12 @@ identity (flattened) for a vector. For a model without a deterministic path the 
 ``s_t = [z_{t-1}, a_{t-1}]`` (zeros at ``t = 0``) in place of ``h_t``. A model with MC dropout
 (``model.dropout_noise``, :func:`pssm.rssm.rssm`) has its dropout site drawn here and replayed
 by the model, so both compute ``h`` with the same masks.
+
+What the amortised guides read of a model (protocols of :mod:`pssm.core`, each used when the
+model offers it): :class:`pssm.core.DeterministicPath` (``h_t``), :class:`pssm.core.Dimensions`
+(modalities, action and latent sizes; else read from the data) and
+:class:`pssm.core.Preprocessed` (the model's data preprocessing); their per-step posterior for
+agents needs :class:`pssm.core.Dimensions`.
 
 One factor, written once: :func:`filtering` builds it (:func:`filtering_factor`) and both its
 sequence scan (:func:`sample_states`, all steps' ``[e_t, m_t, 1{t=0}]`` at once) and its
@@ -44,7 +51,15 @@ from flax import nnx
 from numpyro.contrib.control_flow import scan
 
 from inference import kalman
-from pssm.core import gaussian, sample_latent_path
+from pssm.core import (
+    DeterministicPath,
+    Dimensions,
+    LinearGaussian,
+    Preprocessed,
+    gaussian,
+    require,
+    sample_latent_path,
+)
 from pssm.inputs import Inputs, event_shape, prepare_inputs
 from pssm.layers import ConvEncoder
 from pssm.nets import GRU, GaussianMLP, default_param_dtype, register
@@ -56,8 +71,7 @@ Factor = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 def closed_form_filtering(model):
     """Guide: ``prod_t p(z_t | z_{t-1}, o_t)`` from the model's latent LGSSM (exact factors)."""
-    if not hasattr(model, "structure"):
-        raise TypeError("closed_form_filtering needs a model declared with pssm.linear_gaussian")
+    require(model, LinearGaussian, "closed_form_filtering")
 
     def guide(obs, *args, rewards=None, **kwargs):  # rewards: scored by the model only
         s = model.structure(obs, *args, **kwargs)
@@ -76,34 +90,34 @@ def _is_image(shape) -> bool:
 
 def guide_inputs(model, obs, actions=None, mask=None) -> Inputs:
     """Validated inputs as the model sees them: ``model.preprocess`` (integer images to floats)
-    if the model has it, modalities in the order of ``model.obs_dims`` (else of the data), masked
-    entries zero. Models without ``obs_dims`` / ``action_dim`` have them read from the data."""
-    preprocess = getattr(model, "preprocess", None)
-    obs = obs if preprocess is None else preprocess(obs)
-    dims = getattr(model, "obs_dims", None)
-    if dims is None:
+    if the model is :class:`pssm.core.Preprocessed`, modalities in the order of
+    ``model.obs_dims`` and its ``action_dim`` if it offers :class:`pssm.core.Dimensions` (else
+    both read from the data), masked entries zero."""
+    obs = _preprocessed(model, obs)
+    if isinstance(model, Dimensions):
+        dims, u = model.obs_dims, model.action_dim
+        if not isinstance(obs, Mapping) and list(dims) == ["obs"]:
+            dims = dims["obs"]
+    else:
         if isinstance(obs, Mapping):
             dims = {k: tuple(jnp.shape(o)[2:]) for k, o in obs.items()}
         else:
             dims = tuple(jnp.shape(obs)[2:])
-    elif not isinstance(obs, Mapping) and list(dims) == ["obs"]:
-        dims = dims["obs"]
-    u = getattr(model, "action_dim", None)
-    if u is None:
         u = 0 if actions is None else jnp.shape(actions)[-1]
     return prepare_inputs(dims, u, obs, actions, mask)
 
 
+def _preprocessed(model, obs):
+    return model.preprocess(obs) if isinstance(model, Preprocessed) else obs
+
+
 def step_inputs(model, obs, mask):
     """One step's observations as :func:`guide_inputs` gives a sequence's: ``({modality:
-    (B, ...)}, mask (B, K))`` after ``model.preprocess``, in the order of ``model.obs_dims``,
-    unseen entries zero (``obs`` and ``mask`` as in :mod:`pssm.belief`)."""
-    dims = getattr(model, "obs_dims", None)
-    if dims is None:
-        raise TypeError("a belief step needs model.obs_dims (the modalities and their order)")
-    preprocess = getattr(model, "preprocess", None)
-    obs = obs if preprocess is None else preprocess(obs)
-    return step_observations(obs, mask, list(dims))
+    (B, ...)}, mask (B, K))`` after ``model.preprocess``, in the order of ``model.obs_dims``
+    (:class:`pssm.core.Dimensions`, required), unseen entries zero (``obs`` and ``mask`` as in
+    :mod:`pssm.belief`)."""
+    require(model, Dimensions, "a guide's belief step")
+    return step_observations(_preprocessed(model, obs), mask, list(model.obs_dims))
 
 
 class GuideNetworks:
@@ -197,22 +211,25 @@ def shapes(x: Inputs) -> dict[str, tuple]:
 
 
 def latent_size(model, latent_dim, obs, actions, mask) -> int:
-    """``latent_dim``, else ``model.latent_dim``, else read from an abstract trace of the model."""
-    d = latent_dim or getattr(model, "latent_dim", None)
+    """``latent_dim``, else ``model.latent_dim`` (:class:`pssm.core.Dimensions`), else read from
+    an abstract trace of the model."""
+    d = latent_dim or (model.latent_dim if isinstance(model, Dimensions) else None)
     return int(d or _latent_dim(model, obs, actions, mask))
 
 
 def step_latent_size(model, latent_dim, guide_name: str) -> int:
-    """``latent_dim`` or ``model.latent_dim``, needed to step a posterior without data."""
-    d = latent_dim or getattr(model, "latent_dim", None)
+    """``latent_dim`` or ``model.latent_dim`` (:class:`pssm.core.Dimensions`), needed to step
+    a posterior without data."""
+    d = latent_dim or (model.latent_dim if isinstance(model, Dimensions) else None)
     if d is None:
         raise ValueError(f"pass latent_dim= to {guide_name}() to step its posterior network")
     return int(d)
 
 
 def state_size(model, d: int, action_dim: int) -> int:
-    """Size of ``s_t``: ``model.deterministic_size``, or ``d + u`` without a deterministic path."""
-    if hasattr(model, "deterministic"):
+    """Size of ``s_t``: ``model.deterministic_size``, or ``d + u`` without a deterministic path
+    (:class:`pssm.core.DeterministicPath`)."""
+    if isinstance(model, DeterministicPath):
         return int(model.deterministic_size)
     return int(d + action_dim)
 
@@ -227,20 +244,20 @@ def sample_states(model, factor: Factor, seen: jax.Array, actions, d: int) -> ja
     """Sample ``"z_0"`` ``(B, d)`` and ``"z"`` ``(T-1, B, d)`` from ``N(factor(s_t, seen_t))``.
 
     ``s_t`` is ``h_t`` recomputed from the samples through ``model.deterministic()`` (with the
-    model's MC-dropout site drawn via ``model.dropout_noise`` when it has one), or
+    model's MC-dropout site drawn via ``model.dropout_noise``; :class:`pssm.core.
+    DeterministicPath`), or
     ``[z_{t-1}, a_{t-1}]`` (zeros at ``t = 0``) for a model without a deterministic path.
     ``seen`` ``(B, T, n)``: what the factor sees of the data at each step. Returns ``(B, T, d)``.
     """
     B, T = seen.shape[:2]
     dtype = seen.dtype
     a = jnp.zeros((B, T, 0), dtype) if actions is None else jnp.asarray(actions)
-    has_path = hasattr(model, "deterministic")
+    has_path = isinstance(model, DeterministicPath)
     noise = None
     if has_path:
         step = model.deterministic()
         state = jnp.zeros((B, model.deterministic_size), dtype)
-        dropout_noise = getattr(model, "dropout_noise", None)
-        drop = None if dropout_noise is None else dropout_noise(B, T)
+        drop = model.dropout_noise(B, T)
         noise = None if drop is None else jnp.moveaxis(drop.path[:, 1:], 1, 0)
     else:
         state = jnp.zeros((B, d + a.shape[-1]), dtype)
@@ -323,8 +340,8 @@ def filtering(
         plate inside) and returns the path ``(B, T, d)``. Use it with ``Trace_ELBO`` or
         ``TraceMeanField_ELBO`` (per-step analytic KL to the model's prior factor, the RSSM
         objective). It carries ``guide.belief_posterior()`` (call it under
-        ``handlers.substitute`` of the parameters; needs ``model.obs_dims``): registers the
-        networks and returns the guide's factor for one step,
+        ``handlers.substitute`` of the parameters; needs :class:`pssm.core.Dimensions`):
+        registers the networks and returns the guide's factor for one step,
         ``(s_t (B, s), obs_t, mask_t, first (B,)) -> (mu, sigma^2)``, ``obs_t`` and ``mask_t``
         as in :mod:`pssm.belief`: what :func:`pssm.rssm.rssm`'s ``belief_step`` takes.
     """
@@ -342,12 +359,10 @@ def filtering(
         return sample_states(model, factor, seen(x.obs, x.mask, first_flags(B, T)), x.actions, d)
 
     def belief_posterior():
+        require(model, Dimensions, "filtering's belief_posterior")
         d = step_latent_size(model, latent_dim, "filtering")
-        s = state_size(model, d, getattr(model, "action_dim", 0) or 0)
-        dims = getattr(model, "obs_dims", None)
-        if dims is None:
-            raise TypeError("a belief step needs model.obs_dims (the modalities and their order)")
-        seen, factor = filtering_factor(networks, dims, s, d)
+        s = state_size(model, d, model.action_dim)
+        seen, factor = filtering_factor(networks, model.obs_dims, s, d)
 
         def posterior(state, obs, mask, first):
             """``(mu_t, sigma_t^2)`` of ``q(z_t | s_t, o_t, m_t, 1{t = 0})``."""

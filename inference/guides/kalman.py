@@ -1,7 +1,7 @@
 """Guide families built on the exact Kalman posterior of a model's latent LGSSM.
 
-Both read the model only through ``model.structure(...)`` (:mod:`pssm.core`) and sample the
-model's latent sites ``"z_0"`` and ``"z"``.
+Both read the model only through ``model.structure(...)`` (:class:`pssm.core.LinearGaussian`)
+and sample the model's latent sites ``"z_0"`` and ``"z"``.
 
 * :func:`kalman_smoothing` (VRKN, KalMamba): the smoothing posterior sampled *forward* through
   its smoothed dynamics,
@@ -25,25 +25,18 @@ from functools import partial
 import jax
 
 from inference import kalman
-from pssm.core import sample_latent_path
-
-
-def _require_structure(model):
-    if not hasattr(model, "structure"):
-        raise TypeError(
-            "this guide family needs a model declared with pssm.linear_gaussian "
-            "(a `structure` function giving its latent LGSSM)"
-        )
+from pssm.core import LinearGaussian, require, sample_latent_path
 
 
 def kalman_smoothing(model, *, parallel: bool = False):
     """Guide: the exact smoothing posterior of ``model``'s latent LGSSM, sampled forward.
 
     Args:
-        model: a NumPyro model carrying ``model.structure`` (see :func:`pssm.linear_gaussian`).
+        model: a NumPyro model carrying ``model.structure`` (:class:`pssm.core.LinearGaussian`,
+            declared with :func:`pssm.core.linear_gaussian`).
         parallel: run filter and smoother with ``lax.associative_scan``.
     """
-    _require_structure(model)
+    require(model, LinearGaussian, "kalman_smoothing")
 
     def guide(obs, *args, rewards=None, **kwargs):  # rewards: scored by the model only
         s = model.structure(obs, *args, **kwargs)
@@ -58,7 +51,7 @@ def kalman_smoothing(model, *, parallel: bool = False):
 def backward_sampling(model, *, parallel: bool = False):
     """Guide: ``q(z_{T-1} | o) prod_t q(z_t | z_{t+1}, o_{0:t})`` from the forward filter
     (forward-filtering backward-sampling as a NumPyro guide)."""
-    _require_structure(model)
+    require(model, LinearGaussian, "backward_sampling")
 
     def guide(obs, *args, rewards=None, **kwargs):  # rewards: scored by the model only
         s = model.structure(obs, *args, **kwargs)

@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from pssm.core import Dimensions, require
+
 from .filtering import (
     GuideNetworks,
     first_flags,
@@ -100,9 +102,9 @@ def smoothing_rssm(
         ``(B, d)`` and ``"z"`` ``(T-1, B, d)`` and returning the path ``(B, T, d)``, carrying
         ``guide.backward_states(obs, actions=None, mask=None)`` -> ``b`` ``(B, T, backward_size)``
         (registers the parameter sites it uses) and ``guide.belief_posterior()`` (under
-        ``handlers.substitute`` of the parameters; needs ``model.obs_dims``): the online factor
-        of the module docstring, ``(s_t (B, s), obs_t, mask_t, first (B,)) -> (mu, sigma^2)``,
-        what :func:`pssm.rssm.rssm`'s ``belief_step`` takes.
+        ``handlers.substitute`` of the parameters; needs :class:`pssm.core.Dimensions`): the
+        online factor of the module docstring, ``(s_t (B, s), obs_t, mask_t, first (B,)) ->
+        (mu, sigma^2)``, what :func:`pssm.rssm.rssm`'s ``belief_step`` takes.
     """
     networks = GuideNetworks(
         name, hidden, min_var=min_var, conv_depth=conv_depth, embed_features=embed_features,
@@ -144,11 +146,9 @@ def smoothing_rssm(
         return backward_scan(inputs(x.obs, x.mask, actions_of(x)), cell)
 
     def belief_posterior():
+        require(model, Dimensions, "smoothing_rssm's belief_posterior")
         d = step_latent_size(model, latent_dim, "smoothing_rssm")
-        u = int(getattr(model, "action_dim", 0) or 0)
-        dims = getattr(model, "obs_dims", None)
-        if dims is None:
-            raise TypeError("a belief step needs model.obs_dims (the modalities and their order)")
+        u, dims = int(model.action_dim), model.obs_dims
         inputs, cell, factor = smoothing_factor(networks, dims, u, state_size(model, d, u), d, size)
 
         def posterior(state, obs, mask, first):

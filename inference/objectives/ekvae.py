@@ -7,12 +7,15 @@ smoother of :mod:`pssm.extended_kalman`, the ``z_{t-1}`` Monte Carlo term, the V
 ``log p(z_0)``). Distortion ``D = -sum_t log p(x_t | a_t)`` (Eq. 15; with a reward head also
 ``-sum_t log p(r_t | z_{t+1})`` at the bound's ``z`` sample), rate ``R`` the rest, so the bound
 trains as is or under :class:`inference.objectives.ConstrainedELBO` (REWO) / ``AnnealedELBO``.
-The model is read through its attributes ``bound`` and ``auxiliary_site`` only.
+The model is read through :class:`pssm.core.AuxiliaryBound` only (``bound``,
+``auxiliary_site``).
 """
 
 import jax
 import jax.numpy as jnp
 from numpyro import handlers
+
+from pssm.core import AuxiliaryBound, require
 
 from .constrained import RateDistortionELBO
 from .vhp import vhp_bound
@@ -50,9 +53,7 @@ class EKVAEBound(RateDistortionELBO):
         self.posterior, self.analytic, self.scale = posterior, analytic, scale
 
     def rate_distortion(self, rng_key, param_map, model, guide, *args, **kwargs) -> dict:
-        for attribute in ("bound", "auxiliary_site"):
-            if not hasattr(model, attribute):
-                raise TypeError(f"EKVAEBound needs an EKVAE model (no `{attribute}`)")
+        require(model, AuxiliaryBound, "EKVAEBound")
         site = model.auxiliary_site
 
         def particle(key):

@@ -17,6 +17,8 @@ from numpyro import handlers
 from numpyro.infer import TraceMeanField_ELBO
 from numpyro.infer.elbo import ELBO
 
+from pssm.core import Regularised, require
+
 __all__ = ["KalMambaELBO"]
 
 
@@ -48,8 +50,7 @@ class KalMambaELBO(ELBO):
                 self.update_aux = self.elbo.update_aux
 
     def loss_with_metrics(self, rng_key, param_map, model, guide, *args, **kwargs) -> dict:
-        if not hasattr(model, "regulariser"):
-            raise TypeError("KalMambaELBO needs a KalMamba model (with `model.regulariser`)")
+        require(model, Regularised, "KalMambaELBO")
         k_elbo, k_drop = jax.random.split(rng_key)
         model_kwargs = {k: v for k, v in kwargs.items() if k != "aux"}
         with (
