@@ -17,7 +17,7 @@ from rl.agents.dreamer import DREAMER_CPU, DreamerConfig
 from rl.agents.planet import PLANET_CPU, PlanetConfig
 
 _SHARED = {"hidden": 256, "model_pool": 4, "model_lr": 1e-3, "start_batch": 8,
-           "mc_dropout": True, "features": "mean"}  # fmt: skip
+           "mc_dropout": True, "features": "mean", "objective": "default"}  # fmt: skip
 
 PRESETS: dict[str, dict[str, dict]] = {
     # minutes on 2 CPU cores

@@ -94,3 +94,11 @@ def test_paper_objective_trains_rssm_with_balanced_kl_and_free_nats():
     np.testing.assert_allclose(paper[0], plain[0], rtol=1e-10)
     pairs = zip(jax.tree.leaves(paper[1]), jax.tree.leaves(plain[1]), strict=True)
     assert not all(np.allclose(a, b) for a, b in pairs)
+
+
+def test_objective_is_a_checked_run_setting():
+    from rl.config import ConfigError, RunConfig, check
+
+    check(RunConfig(model="rssm", overrides=(("objective", "paper"),)))
+    with pytest.raises(ConfigError, match="objective"):
+        check(RunConfig(model="rssm", overrides=(("objective", "papers"),)))
