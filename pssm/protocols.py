@@ -210,8 +210,6 @@ def require(model: Any, protocol: type, user: str) -> None:
     if isinstance(model, protocol):
         return
     lacks = ", ".join(f"`{m}`" for m in missing(model, protocol))
-    summary = " ".join((protocol.__doc__ or "").split("\n\n")[0].split()).rstrip(".")
     raise TypeError(
-        f"{user} needs a model carrying {lacks} (the protocol pssm.core.{protocol.__name__}: "
-        f"{summary})"
+        f"{user} needs a model carrying {lacks} (the protocol pssm.core.{protocol.__name__})"
     )
