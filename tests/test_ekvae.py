@@ -448,32 +448,10 @@ def test_belief_step_observed_step_by_step_equals_the_models_filter():
 
 
 def test_ekvae_world_model_on_state_vectors_trains_and_acts():
-    from rl.world_model import filter_sequence
     from rl.world_models.ekvae import ekvae_world_model
+    from tests.world_model_checks import trains_and_acts
 
-    B, n_u = 4, 2
-    dims = {"position": 3, "velocity": 2}
-    rng = np.random.default_rng(0)
-    data = {
-        "obs": {k: rng.normal(size=(B, T, p)) for k, p in dims.items()},
-        "actions": rng.uniform(-1, 1, size=(B, T, n_u)),
-        "rewards": rng.normal(size=(B, T)),
-        "mask": np.ones((B, T, 2), bool),
-    }
-    wm = ekvae_world_model(dims, n_u, latent_dim=4, hidden=8, seed=0, num_bases=2)
-    state, history = training.fit(wm.objective, data, optax.adam(1e-3), num_steps=3,
-                                  batch_size=B, key=jax.random.key(0), steps_per_call=3,
-                                  progress=False)  # fmt: skip
-    assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
+    wm = ekvae_world_model({"position": 3, "velocity": 2}, 2, latent_dim=4, hidden=8, seed=0,
+                           num_bases=2)  # fmt: skip
+    history = trains_and_acts(wm, latent=4, T=T)
     assert all(np.isfinite(h["reward_nll"]) and h["reward_nll"] > 0 for h in history)
-    params, key = wm.objective.constrain(state.params), jax.random.key(1)
-    b = wm.init_belief(params, B)
-    b = wm.observe(params, key, b, {k: v[:, 0] for k, v in data["obs"].items()}, None)
-    b = wm.imagine(params, key, b, data["actions"][:, 0])
-    f = wm.features(params, b)
-    assert f.shape == (B, wm.feature_size) == (B, 4) and wm.action_dim == n_u
-    assert wm.reward(params, f).shape == (B,)
-    decoded = {k: v.shape for k, v in wm.decode(params, f).items()}
-    assert decoded == {k: (B, p) for k, p in dims.items()}
-    beliefs = filter_sequence(wm, params, key, data["obs"], data["actions"], data["mask"])
-    assert beliefs.mean.shape == (B, T, 4) and np.all(np.isfinite(beliefs.cov))
