@@ -34,6 +34,7 @@ from numpyro.contrib.module import nnx_module
 
 from inference import kalman
 
+from . import nets
 from .core import (
     Structure,
     check_inputs,
@@ -44,30 +45,6 @@ from .core import (
 from .lgssm import _covariance, lgssm
 
 _LATENT = {"A", "Q", "H", "R", "m0", "P0", "B"}
-
-
-class MLP(nnx.Module):
-    """A plain multilayer perceptron ``x -> y`` on the last axis (the MLP decoder ``f``)."""
-
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int,
-        hidden: Sequence[int] = (64,),
-        *,
-        activation: Callable = nnx.tanh,
-        rngs: nnx.Rngs,
-    ):
-        sizes = [in_dim, *hidden, out_dim]
-        self.layers = nnx.List(
-            [nnx.Linear(i, o, rngs=rngs) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
-        )
-        self.activation = activation
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers[:-1]:
-            x = self.activation(layer(x))
-        return self.layers[-1](x)
 
 
 def auxiliary_lgssm(
@@ -101,7 +78,7 @@ def auxiliary_lgssm(
         S: ``(p, p)`` observation noise covariance (default ``0.01 I``; initial value if
             learned).
         decoder: ``"linear"`` (``o_t ~ N(C a_t, S)``; exact likelihood available) or ``"mlp"``
-            (``o_t ~ N(f(a_t), S)`` with ``f`` an NNX :class:`MLP` registered as
+            (``o_t ~ N(f(a_t), S)`` with ``f`` a :class:`pssm.nets.MLP` (tanh) registered as
             ``decoder_name`` through ``nnx_module``; always learned).
         obs_dim: ``p`` for the MLP decoder (the linear one reads it from ``C``).
         hidden: hidden layer sizes of the MLP decoder.
@@ -151,7 +128,7 @@ def auxiliary_lgssm(
         if "C" in learn or C is not None:
             raise ValueError("C belongs to the linear decoder")
         p = obs_dim
-        net = MLP(p_a, p, hidden, rngs=nnx.Rngs(seed))
+        net = nets.MLP(p_a, hidden, p, activation=nnx.tanh, rngs=nnx.Rngs(seed))
         decode = lambda a: nnx_module(decoder_name, net)(a)
     S = 0.01 * jnp.eye(p) if S is None else jnp.asarray(S, dtype=float)
     u = None if B is None else jnp.shape(B)[1]
