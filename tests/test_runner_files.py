@@ -108,7 +108,7 @@ def test_a_repeated_run_loads_its_programs_from_the_compilation_cache(tmp_path):
     env = {**os.environ, "PSSM_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     root = Path(__file__).resolve().parents[1]
-    hits = []
+    hits, written = [], []
     for i in range(2):
         out = subprocess.run(
             [sys.executable, "-c", CACHED_RUN, str(tmp_path / f"run{i}")], env=env, cwd=root,
@@ -116,6 +116,9 @@ def test_a_repeated_run_loads_its_programs_from_the_compilation_cache(tmp_path):
         )  # fmt: skip
         assert out.returncode == 0, out.stderr[-3000:]
         hits.append(int(out.stdout.split()[-2]))
+        written.append(sorted(p.name for p in (tmp_path / "cache" / "jax").iterdir()))
         print(out.stdout.strip())
-    assert any((tmp_path / "cache" / "jax").iterdir())
-    assert hits[1] >= hits[0] + 3, hits  # (a program compiled twice in one run hits too)
+    # which programs are written depends on their compile time (at least 0.2 s, so it varies
+    # with the machine's load); every program the first run wrote, the second run loads
+    assert any("update_many" in name for name in written[0]), written[0]
+    assert hits[1] >= len(written[0]), (hits, written[0])
