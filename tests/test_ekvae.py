@@ -447,6 +447,7 @@ def test_belief_step_observed_step_by_step_equals_the_models_filter():
     assert step.reward is None and step.features(b).shape == (n, D)
 
 
+@pytest.mark.slow  # the runner trains and acts with it by default (tests/test_families.py)
 def test_ekvae_world_model_on_state_vectors_trains_and_acts():
     from rl.world_models.ekvae import ekvae_world_model
     from tests.world_model_checks import trains_and_acts

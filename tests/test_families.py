@@ -23,11 +23,12 @@ TINY = (("hidden", 16), ("batch_size", 16), ("model_batch", 4), ("seq_len", 6), 
         ("dreamer.horizon", 3), ("planet.candidates", 8), ("planet.iterations", 1),
         ("planet.top_k", 2), ("planet.horizon", 3))  # fmt: skip
 
-#: one agent per family in the default suite (tests/test_runner.py runs sac-belief and planet
-#: on the RSSM, Dreamer on VRKN and sac-belief on KalMamba)
-DEFAULT = {"rssm": "dreamer", "rssm-mcd": "planet", "rssm-smoothing": "sac-belief",
-           "rssm-smoothing-mcd": "dreamer", "vrkn": "planet", "vrkn-nomcd": "sac-belief",
-           "kalmamba": "planet", "lvssf": "sac-belief", "ekvae": "dreamer"}  # fmt: skip
+#: one agent per family in the default suite, where tests/test_runner.py does not already run
+#: one: it runs sac-belief and planet on the RSSM, Dreamer on VRKN and sac-belief on KalMamba
+#: (the combination rssm-smoothing-mcd runs under -m slow only)
+DEFAULT = {"rssm-mcd": "planet", "rssm-smoothing": "sac-belief", "vrkn-nomcd": "dreamer",
+           "lvssf": "sac-belief", "ekvae": "planet"}  # fmt: skip
+ELSEWHERE = ("rssm", "vrkn", "kalmamba", "rssm-smoothing-mcd")
 
 
 def _cases():
@@ -38,7 +39,7 @@ def _cases():
 
 
 def test_every_family_has_a_default_case():
-    assert set(DEFAULT) == set(MODELS)
+    assert set(DEFAULT) | set(ELSEWHERE) == set(MODELS)
     assert set(DEFAULT.values()) <= set(MODEL_AGENTS)
 
 
@@ -61,8 +62,7 @@ def test_family_acts_through_the_runner(tmp_path, model, agent):
 
 def test_paper_objective_trains_rssm_with_balanced_kl_and_free_nats():
     """``--set objective=paper`` trains the RSSM with the KalMamba paper's Table 2 objective:
-    free nats 3 and KL balance 0.8 (same loss and gradient as that ELBO built by hand; the
-    unbalanced free-nats ELBO has the same loss but another gradient)."""
+    free nats 3 and KL balance 0.8 (same loss and gradient as that ELBO built by hand)."""
     import jax
 
     from inference.objectives import FreeNatsELBO
@@ -88,12 +88,10 @@ def test_paper_objective_trains_rssm_with_balanced_kl_and_free_nats():
     by_hand = dict(stoch=4, deter=8, hidden=8, conv_depth=4, seed=0)
     paper = loss_and_grad(build("rssm", 3, 1, {**s, "objective": "paper"}, seed=0))
     ref = loss_and_grad(rssm_world_model(3, 1, elbo=FreeNatsELBO(3.0, balance=0.8), **by_hand))
-    plain = loss_and_grad(rssm_world_model(3, 1, elbo=FreeNatsELBO(3.0), **by_hand))
+    # equal gradients: with the KL above the free nats (perturbed parameters), a missing or
+    # other balance would change them (tests/test_free_nats.py: the gradient split itself)
     for a, b in zip(jax.tree.leaves(paper), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(paper[0], plain[0], rtol=1e-10)
-    pairs = zip(jax.tree.leaves(paper[1]), jax.tree.leaves(plain[1]), strict=True)
-    assert not all(np.allclose(a, b) for a, b in pairs)
 
 
 def test_objective_is_a_checked_run_setting():

@@ -397,6 +397,7 @@ def test_belief_step_observed_step_by_step_equals_the_models_filter(model, data,
     assert step.reward is None and step.features(b).shape == (n, 2)
 
 
+@pytest.mark.slow  # the runner trains and acts with it by default (tests/test_families.py)
 def test_lvssf_world_model_on_state_vectors_trains_and_acts():
     from rl.world_models.lvssf import lvssf_world_model
     from tests.world_model_checks import trains_and_acts
