@@ -183,7 +183,7 @@ def filter_beliefs(wm, params, key, obs, actions, mask=None):
 
 
 def imagine_rollout(wm, params, key, belief, policy=None, horizon: int | None = None, *,
-                    actions=None, rewards: bool = True):
+                    actions=None, rewards: bool = True):  # fmt: skip
     """Roll a world model forward from ``belief`` ``(B, ...)`` for ``horizon`` ``imagine`` steps:
     the one rollout that planning, imagined training and open-loop prediction all use.
 
