@@ -46,6 +46,7 @@ from inference.kalman._validate import check_mask
 # the protocols a model offers, in one place
 from .belief import Belief, BeliefStep  # noqa: F401
 from .protocols import (  # noqa: F401
+    ActingModel,
     AuxiliaryBound,
     AuxiliarySizes,
     AuxiliaryVariables,

@@ -182,6 +182,19 @@ class Regularised(Protocol):
     def regulariser(self, *args: Any, **kwargs: Any) -> Array: ...
 
 
+@runtime_checkable
+class ActingModel(Protocol):
+    """A model that can act (:mod:`pssm.belief`): ``belief_step(**options)`` registers its
+    networks under the caller's parameters and returns a :class:`pssm.belief.BeliefStep`;
+    ``feature_size`` is the size of its features, ``action_dim`` of its actions. What
+    ``rl.world_model.belief_world_model`` needs to derive a world model."""
+
+    feature_size: int
+    action_dim: int
+
+    def belief_step(self, **options: Any) -> Any: ...
+
+
 def members(protocol: type) -> tuple[str, ...]:
     """The attributes a protocol declares (its own and its bases'), in declaration order."""
     names: list[str] = []

@@ -41,6 +41,7 @@ from numpyro import handlers
 
 from inference.evaluation import filter_beliefs, imagine_rollout  # noqa: F401 (re-exported)
 from inference.training import Objective
+from pssm.core import ActingModel, require
 
 PyTree = Any
 
@@ -166,8 +167,7 @@ def belief_world_model(model, objective: Objective, **step_options) -> WorldMode
     reward head: each function runs ``model.belief_step(**step_options)`` under the given
     parameters, so agents filter with the very step the model's program scans. No per-family
     code: a user's own model acts through this as the built-in families do."""
-    if not callable(getattr(model, "belief_step", None)):
-        raise TypeError("the model offers no belief_step() (see pssm.belief): it cannot act")
+    require(model, ActingModel, "belief_world_model")  # the belief step (pssm.belief) and sizes
 
     def step(params):
         with handlers.substitute(data=params):

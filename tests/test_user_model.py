@@ -139,3 +139,12 @@ def test_a_model_from_a_test_file_trains_and_acts_with_every_agent(tmp_path, age
     train = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in train if "model_loss" in r]
     assert train and all(np.isfinite(r["model_loss"]) for r in train)
+
+
+def test_a_model_without_a_belief_step_is_told_what_it_lacks():
+    from rl.world_model import belief_world_model
+
+    model, objective = factory(2, 1)
+    del model.belief_step
+    with pytest.raises(TypeError, match="belief_step.*ActingModel"):
+        belief_world_model(model, objective)
