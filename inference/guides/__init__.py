@@ -5,7 +5,6 @@ from .auxiliary import auxiliary
 from .ekvae import ekvae_guide
 from .filtering import closed_form_filtering, filtering
 from .kalman import backward_sampling, kalman_smoothing
-from .rssm_filtering import rssm_filtering  # = filtering, its former name
 from .smoothing_rssm import smoothing_rssm
 
 __all__ = [
@@ -15,6 +14,5 @@ __all__ = [
     "ekvae_guide",
     "filtering",
     "kalman_smoothing",
-    "rssm_filtering",
     "smoothing_rssm",
 ]
