@@ -25,7 +25,7 @@ import numpy as np
 
 from inference.statistics import stratified_bootstrap
 from rl import checkpoint, runner
-from rl.cli import _value
+from rl.cli import parse_overrides
 from rl.config import RunConfig, check
 
 MODEL_FREE = ("random", "sac")
@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    overrides = tuple((k, _value(v)) for k, _, v in (s.partition("=") for s in args.set))
+    overrides = parse_overrides(args.set)
     configs = {}
     for agent, model, task, variant, seed in cells(args.agents, args.models, args.tasks,
                                                    args.variants, args.seeds):  # fmt: skip

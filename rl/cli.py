@@ -87,17 +87,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile from scratch (default: JAX's persistent cache)")  # fmt: skip
 
 
+def parse_overrides(items) -> tuple:
+    """``("key=value", ...)`` (``--set`` flags) -> ``((key, value), ...)``, values read as JSON
+    where they parse (numbers, booleans, lists), else as strings."""
+    overrides = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError("overrides", f"expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides.append((k, _value(v)))
+    return tuple(overrides)
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The checked configuration the flags ask for; ``ConfigError`` naming the field."""
     given = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}
     if hasattr(args, "set"):
-        overrides = []
-        for item in args.set:
-            if "=" not in item:
-                raise ConfigError("overrides", f"expects KEY=VALUE, got {item!r}")
-            k, v = item.split("=", 1)
-            overrides.append((k, _value(v)))
-        given["overrides"] = tuple(overrides)
+        given["overrides"] = parse_overrides(args.set)
     if not args.resume:
         cfg = RunConfig(**given)
     elif not args.run_dir:
