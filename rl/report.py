@@ -14,6 +14,17 @@ from pssm.layers import preprocess_image
 from .world_model import WorldModel, filter_sequence
 
 
+def reconstruct_and_predict(wm: WorldModel, params, key, obs, actions, mask, context: int):
+    """Decoded filtered beliefs of ``obs`` ``(B, T, ...)`` (reconstructions, ``T`` steps) and
+    the open-loop predictions of steps ``context..T-1``: the belief after ``o_{context-1}``
+    rolled forward under the recorded actions and decoded (``T - context`` steps)."""
+    T = jax.tree.leaves(obs)[0].shape[1]
+    beliefs = filter_sequence(wm, params, key, obs, actions, mask)
+    recon = wm.decode(params, wm.features(params, beliefs))
+    start = jax.tree.map(lambda v: v[:, context - 1], beliefs)
+    return recon, world_model_predict(wm)(params, key, start, actions[:, context - 1 : T - 1])
+
+
 def model_report(wm: WorldModel, context_fraction: float = 0.5):
     """``report(state, replay, run_dir)``: reconstructions (decoded filtered beliefs) and
     open-loop predictions (decoded ``imagine`` rollouts under the recorded actions from the
@@ -32,12 +43,8 @@ def model_report(wm: WorldModel, context_fraction: float = 0.5):
         length = min(50, min(len(replay.episode(i)["rewards"]) for i in range(replay.num_episodes)))
         batch = replay.sample_sequences(1, length).model_batch(jnp.result_type(float))
         obs, actions, mask = batch["obs"], jnp.asarray(batch["actions"]), batch["mask"]
-        key = jax.random.key(0)
-        beliefs = filter_sequence(wm, params, key, obs, actions, mask)
-        recon = wm.decode(params, wm.features(params, beliefs))
         c = max(1, int(length * context_fraction))
-        start = jax.tree.map(lambda v: v[:, c - 1], beliefs)
-        pred = world_model_predict(wm)(params, key, start, actions[:, c - 1 : length - 1])
+        recon, pred = reconstruct_and_predict(wm, params, jax.random.key(0), obs, actions, mask, c)
         if isinstance(obs, Mapping):  # several modalities: report the image, else the first
             name = "image" if "image" in obs else next(iter(obs))
             obs, recon, pred = obs[name], recon[name], pred[name]

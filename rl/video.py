@@ -24,11 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inference.evaluation import world_model_predict
-
 from .drivers import example_batch_fn, make_world_model
 from .replay import Replay
-from .world_model import filter_sequence
+from .report import reconstruct_and_predict
 
 
 def to_uint8(image) -> np.ndarray:
@@ -50,13 +48,7 @@ def model_panels(cfg, env):
 
     @functools.partial(jax.jit, static_argnames="context")
     def decode(params, key, obs, actions, mask, context):
-        beliefs = filter_sequence(wm, params, key, obs, actions, mask)
-        recon = wm.decode(params, wm.features(params, beliefs))
-        start = jax.tree.map(lambda v: v[:, context - 1], beliefs)
-        # every step from `context` on, predicted under the recorded actions; the moves are
-        # rotated to keep the episode's length (the surplus predictions are dropped)
-        moves = jnp.roll(actions, 1 - context, axis=1)
-        pred = world_model_predict(wm)(params, key, start, moves)
+        recon, pred = reconstruct_and_predict(wm, params, key, obs, actions, mask, context)
         pick = (lambda x: x["image"]) if isinstance(recon, Mapping) else (lambda x: x)
         return pick(recon)[0], pick(pred)[0]
 
@@ -69,7 +61,7 @@ def model_panels(cfg, env):
         context = max(1, length // 2)
         recon, pred = decode(params, jax.random.key(0), obs_b, batch[1].astype(dtype),
                              batch[2], context=context)  # fmt: skip
-        pred = np.asarray(pred)[: length - context]
+        pred = np.asarray(pred)
         grey = np.zeros((context, *pred.shape[1:]))
         return to_uint8(recon), to_uint8(np.concatenate([grey, pred]))
 
