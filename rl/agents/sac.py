@@ -116,8 +116,8 @@ class SAC(NamedTuple):
     Attributes:
         init: ``key -> SACState``.
         act: ``(state, key, obs (..., p), deterministic=False) -> action (..., u)`` in
-            ``[-1, 1]``: a sample of the policy, or ``tanh(mu(obs))`` when ``deterministic``
-            (a Python bool: static under ``jit``).
+            ``[-1, 1]``: a sample of the policy, or ``tanh(mu(obs))`` where ``deterministic``
+            (a bool, also a traced one: one compiled step serves acting and evaluation).
         update: ``(state, key, batch) -> (state, metrics)``: one update (module docstring) on
             ``batch = {"obs": (N, p), "action": (N, u), "reward": (N,), "next_obs": (N, p),
             "discount": (N,)}``. ``key`` is split into ``(k_critic, k_actor)``: the noise of
@@ -238,10 +238,9 @@ def sac(obs_dim: int, action_dim: int, *, config: SACConfig | None = None) -> SA
         if obs.shape[-1:] != (p,):
             raise ValueError(f"obs must end in ({p},), got shape {obs.shape}")
         mean, log_std = policy(state.actor, obs)
-        if deterministic:
-            return jnp.tanh(mean)
         noise = jax.random.normal(key, mean.shape, dtype)
-        return _nets.tanh_gaussian_sample(mean, log_std, noise)[0]
+        sample = _nets.tanh_gaussian_sample(mean, log_std, noise)[0]
+        return jnp.where(deterministic, jnp.tanh(mean), sample)  # a traced flag too
 
     def _target(actor, target_critic, alpha, key, b):
         mean, log_std = policy(actor, b["next_obs"])
@@ -406,8 +405,7 @@ def belief_agent(wm, config: SACConfig | None = None, *, batch_size: int = 256,
 
     def act(params, state, memory, belief, key, explore):
         f = jax.lax.stop_gradient(wm.features(params, belief))
-        sample = agent.act(state, key, f)
-        return jnp.where(explore, sample, agent.act(state, key, f, deterministic=True)), memory
+        return agent.act(state, key, f, deterministic=jnp.logical_not(explore)), memory
 
     def update(params, state, key, beliefs, batch, updates: int):
         k_batch, k_update = jax.random.split(key)
