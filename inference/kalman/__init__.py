@@ -16,6 +16,9 @@ Example::
     post = kalman.smoother(kalman.Gaussian(m0, P0), kalman.Dynamics(A, b, Q),
                            kalman.Emissions(w, R, mask))
     post.smoothed.mean, post.log_likelihood
+
+The square-root (Cholesky-factor) form of the dense kernels, for float32 on ill-conditioned
+models, is :mod:`inference.kalman.sqrt` (``kalman.sqrt.smoother`` etc.).
 """
 
 from . import _lapack_guard  # noqa: F401  (before anything compiles: see its docstring)
@@ -53,6 +56,9 @@ __all__ = [
     "sample_chain",
     "smoothed_dynamics",
     "smoother",
+    "sqrt",
     "stack_sensors",
     "update",
 ]
+
+from . import sqrt  # noqa: E402  (the square-root form: a subpackage over the modules above)
