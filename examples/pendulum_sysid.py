@@ -21,7 +21,12 @@ evaluated on held-out sequences (another seed):
   prediction is the mean of the ``"obs"`` site.
 * the held-out ELBO per sequence (:func:`inference.evaluation.heldout_elbo`).
 
-Models (the registry :data:`MODELS`: name -> builder ``args -> ModelEntry``; add one there):
+Models (:data:`MODELS`: name -> builder ``args -> ModelEntry``). ``rssm``, ``vrkn`` and
+``kalmamba`` are the agents' models, built by the one model registry (:func:`rl.models.parts`,
+without the reward head, sized by ``--latent``/``--deter``/``--hidden``); the entry here adds
+only what R^2 is computed from and a note. Each one's world model (the belief step an agent
+filters with) also gives the filtered forecast ``mse_filtered_world_model``, an independent
+implementation of the same prediction as the generic one below:
 
 * ``locally_linear`` (:mod:`pssm.locally_linear`) with the ``kalman_smoothing`` guide under
   ``TraceMeanField_ELBO`` (VRKN bound); latents: the smoothed means of its latent LGSSM. Its
@@ -35,7 +40,7 @@ Models (the registry :data:`MODELS`: name -> builder ``args -> ModelEntry``; add
 * ``vrkn`` (:mod:`pssm.vrkn`, linearised at the filtered mean, MC dropout) and ``kalmamba``
   (:mod:`pssm.kalmamba`, Mamba backbone) with the ``kalman_smoothing`` guide, each trained with
   its own objective (free nats; Mahalanobis regulariser); latents: smoothed means. Not in the
-  default ``--models``; a model whose module is missing is skipped with a message.
+  default ``--models``.
 
 Baselines: the mean training frame and the last context frame (persistence) as predictions;
 the first 8 principal components of a single frame as "latents" (angle yes, velocity no).
@@ -65,7 +70,6 @@ from numpyro.infer import TraceMeanField_ELBO
 from inference import evaluation, guides, kalman, training
 from pssm import datasets
 from pssm.locally_linear import locally_linear
-from pssm.rssm import rssm
 
 # ---- the model registry ------------------------------------------------------------------------
 
@@ -80,10 +84,10 @@ class ModelEntry(NamedTuple):
         latents: ``(params, key, batch) -> {name: (mean (B, T, k), var (B, T, k) or None)}``,
             the latent posterior means (and variances) R^2 is computed from, per latent set.
         note: a remark printed under the results table.
-        world_model: optional ``rl.world_model.WorldModel`` over the same parameter sites: its
-            filtered open-loop MSE (``observe`` / ``imagine`` / ``decode``,
-            :func:`inference.evaluation.world_model_open_loop_mse`) is reported next to the
-            generic one, an independent implementation of the same prediction.
+        world_model: optional ``rl.world_model.WorldModel`` over the same parameter sites (the
+            registry's models): its filtered open-loop MSE (``observe`` / ``imagine`` /
+            ``decode``, :func:`inference.evaluation.world_model_open_loop_mse`) is reported next
+            to the generic one, an independent implementation of the same prediction.
     """
 
     model: Callable
@@ -177,79 +181,65 @@ def build_locally_linear(args) -> ModelEntry:
     )  # fmt: skip
 
 
-def build_rssm(args) -> ModelEntry:
-    model = rssm(
-        256, args.action_dim, stoch=args.latent, deter=args.deter, hidden=args.hidden,
-        obs_var=args.obs_var, seed=args.seed,
+def _from_registry(name: str, args, latents: Callable, note: str, **overrides) -> ModelEntry:
+    """The registry's model ``name`` (:func:`rl.models.parts`, the agents' model) without a
+    reward head, sized by the arguments, with its world model (``observe`` / ``imagine`` /
+    ``decode``) for the independent filtered forecast."""
+    from rl.models import parts
+    from rl.presets import PRESETS
+    from rl.world_model import from_parts
+
+    sizes = dict(latent=args.latent, stoch=args.latent, deter=args.deter, d_model=args.deter,
+                 model_hidden=args.hidden)  # fmt: skip
+    made = parts(
+        name, 256, args.action_dim, {**PRESETS["cpu"]["*"], **sizes}, args.seed, reward=False,
+        obs_var=args.obs_var, **overrides,
     )  # fmt: skip
-    guide = guides.filtering(model, hidden=args.hidden, seed=args.seed + 1)
+    return ModelEntry(
+        made.model, made.guide, made.elbo, latents(made), note, world_model=from_parts(made)
+    )
+
+
+def build_rssm(args) -> ModelEntry:
     note = (
         "rssm: the filtering guide sees no future frame, so z_0 given the context is "
         "q(z_0 | o_0) and the velocity is unknown at the start (EKVAE Table 2)."
     )
-    return ModelEntry(model, guide, TraceMeanField_ELBO(), rssm_latents(model, guide), note)
+    return _from_registry("rssm", args, lambda p: rssm_latents(p.model, p.guide), note)
 
 
 def build_vrkn(args) -> ModelEntry:
-    from inference.objectives import FreeNatsELBO
-    from pssm.vrkn import vrkn
-
-    model = vrkn(
-        256, args.action_dim, latent_dim=args.latent, hidden=args.hidden,
-        mlp_hidden=(args.hidden,), obs_var=args.obs_var, observed_dim=args.observed,
-        seed=args.seed,
-    )  # fmt: skip
     note = (
         f"vrkn: trained with its own objective (free nats {args.free_nats:g} per step, MC "
         "dropout 0.1); latents and predictions under one draw of the dropout masks."
     )
-    guide = guides.kalman_smoothing(model)
-    return ModelEntry(model, guide, FreeNatsELBO(args.free_nats), smoothed_latents(model), note)
+    return _from_registry(
+        "vrkn", args, lambda p: smoothed_latents(p.model), note, mlp_hidden=(args.hidden,),
+        observed_dim=args.observed, free_nats=args.free_nats,
+    )  # fmt: skip
 
 
 def build_kalmamba(args) -> ModelEntry:
-    from inference.objectives import KalMambaELBO
-    from pssm.kalmamba import kalmamba  # written in parallel: imported when chosen
-
-    model = kalmamba(
-        256, args.latent, args.action_dim, hidden=(args.hidden,), d_model=args.deter,
-        num_blocks=1, d_state=16, obs_var=args.obs_var, observed_dim=args.observed,
-        parallel=args.parallel if args.parallel is not None else jax.default_backend() != "cpu",
-        seed=args.seed,
-    )  # fmt: skip
     note = (
         f"kalmamba: trained with its own objective (Mahalanobis regulariser, alpha "
         f"{args.alpha:g}, MC dropout); latents: the smoothed z and the backbone output m; "
         "open-loop its backbone sees masked steps (no observation)."
     )
-    guide = guides.kalman_smoothing(model)
-    return ModelEntry(model, guide, KalMambaELBO(alpha=args.alpha), kalmamba_latents(model), note)
-
-
-def build_rssm_world_model(args) -> ModelEntry:
-    from rl.world_models.rssm import rssm_model_and_guide, rssm_world_model  # agents' RSSM
-
-    kw = dict(stoch=args.latent, deter=args.deter, hidden=args.hidden, obs_var=args.obs_var,
-              seed=args.seed)  # fmt: skip
-    model, guide = rssm_model_and_guide(256, args.action_dim, **kw)
-    note = (
-        "rssm_world_model: the agents' RSSM (rl.world_models.rssm, its own filtering guide); "
-        "its filtered prediction is also computed by the world model's observe/imagine/decode "
-        "(mse_filtered_world_model in the JSON), which must agree with the generic forecast."
-    )
-    return ModelEntry(
-        model, guide, TraceMeanField_ELBO(), rssm_latents(model, guide), note,
-        world_model=rssm_world_model(256, args.action_dim, **kw),
+    parallel = args.parallel if args.parallel is not None else jax.default_backend() != "cpu"
+    return _from_registry(
+        "kalmamba", args, lambda p: kalmamba_latents(p.model), note, hidden=(args.hidden,),
+        num_blocks=1, d_state=16, observed_dim=args.observed, parallel=parallel,
+        alpha=args.alpha,
     )  # fmt: skip
 
 
-# the registry: add a model here (a builder taking the parsed arguments)
+# the models: locally_linear (which cannot act: no belief step) and the families of the agents'
+# registry rl.models (add one there; here only what R^2 is computed from)
 MODELS: dict[str, Callable[[argparse.Namespace], ModelEntry]] = {
     "locally_linear": build_locally_linear,
     "rssm": build_rssm,
     "vrkn": build_vrkn,
     "kalmamba": build_kalmamba,
-    "rssm_world_model": build_rssm_world_model,
 }
 
 
@@ -502,16 +492,11 @@ def run(args) -> dict:
     train = datasets.pendulum_images(args.sequences, seed=args.seed, **data_kwargs)
     test = datasets.pendulum_images(args.test_sequences, seed=args.seed + 1, **data_kwargs)
     train_batch = _batch(train)
-    rows, skipped, notes = [], {}, []
+    rows, notes = [], []
     for name in args.models:
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
-        try:
-            entry = MODELS[name](args)
-        except ImportError as error:  # a model module not (yet) in this checkout
-            skipped[name] = f"{type(error).__name__}: {error}"
-            print(f"skipping {name}: {skipped[name]}")
-            continue
+        entry = MODELS[name](args)
         if entry.note:
             notes.append(entry.note)
         objective = training.elbo_objective(entry.model, entry.guide, entry.elbo)
@@ -536,7 +521,7 @@ def run(args) -> dict:
     rows += baselines(train, test, args)
     table = markdown(rows, args, notes)
     config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list))}
-    result = {"rows": rows, "skipped": skipped, "config": config,
+    result = {"rows": rows, "config": config,
               "data": train["metadata"], "registered_models": sorted(MODELS)}  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "results.md").write_text(table)

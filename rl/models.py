@@ -1,8 +1,9 @@
 """The model registry: every world model a run, a benchmark or an example can name.
 
-``MODELS[name](obs_dims, action_dim, settings, seed) -> WorldModel`` builds the family's model,
-its guide and training objective, sized by a run's settings (:mod:`rl.presets`), and derives the
-world model from the model's belief step (:func:`rl.world_model.belief_world_model`). Names
+:func:`parts` builds the family's model, its guide and ELBO (:class:`rl.world_model.ModelParts`),
+sized by a run's settings (:mod:`rl.presets`); :func:`build` derives the
+world model from the model's belief step (:func:`rl.world_model.from_parts`), and experiments
+that only train and evaluate a model (``examples/pendulum_sysid.py``) take :func:`parts`. Names
 follow the papers' rows: the RSSM of PlaNet/Dreamer with its MC-dropout and smoothing variants
 (Becker & Neumann 2022, Fig. 4), VRKN with and without MC dropout (Fig. 5), KalMamba, L-VSSF
 and EKVAE.
@@ -16,7 +17,7 @@ reward head (:mod:`pssm.belief`) and its :class:`inference.training.Objective`.
 import importlib
 from collections.abc import Callable
 
-from .world_model import WorldModel, belief_world_model
+from .world_model import ModelParts, WorldModel, belief_world_model, from_parts
 
 #: ``(KL balance, free nats)`` per family with ``--set objective=paper`` (KalMamba paper,
 #: Table 2: RSSM 0.8, VRKN and KalMamba 0.5; free nats 3 for all three)
@@ -36,59 +37,67 @@ def _elbo(family: str, s: dict):
     return FreeNatsELBO(free_nats, balance=balance)
 
 
-def _rssm(dims, u, s, seed, **kw):
-    from .world_models.rssm import rssm_world_model
+def _rssm(s: dict):
+    from .world_models.rssm import rssm_parts
 
-    return rssm_world_model(dims, u, stoch=int(s["stoch"]), deter=int(s["deter"]),
+    return rssm_parts, dict(stoch=int(s["stoch"]), deter=int(s["deter"]),
                             hidden=int(s["model_hidden"]), conv_depth=int(s["conv_depth"]),
-                            elbo=_elbo("rssm", s), seed=seed, **kw)  # fmt: skip
+                            elbo=_elbo("rssm", s))  # fmt: skip
 
 
-def _vrkn(dims, u, s, seed, mc_dropout=None):
-    from .world_models.vrkn import vrkn_world_model
+def _vrkn(s: dict):
+    from .world_models.vrkn import vrkn_parts
 
     h = int(s["model_hidden"])
-    mcd = bool(s["mc_dropout"]) if mc_dropout is None else mc_dropout
-    return vrkn_world_model(dims, u, latent_dim=int(s["latent"]), hidden=h, mlp_hidden=(h, h),
-                            mc_dropout=mcd, seed=seed, features=str(s["features"]),
+    return vrkn_parts, dict(latent_dim=int(s["latent"]), hidden=h, mlp_hidden=(h, h),
+                            mc_dropout=bool(s["mc_dropout"]), features=str(s["features"]),
                             conv_depth=int(s["conv_depth"]), elbo=_elbo("vrkn", s))  # fmt: skip
 
 
-def _kalmamba(dims, u, s, seed):
-    from .world_models.kalmamba import kalmamba_world_model
+def _kalmamba(s: dict):
+    from .world_models.kalmamba import kalmamba_parts
 
     h = int(s["model_hidden"])
-    return kalmamba_world_model(dims, u, mc_dropout=bool(s["mc_dropout"]),
-                                latent_dim=int(s["latent"]), hidden=(h, h),
-                                d_model=int(s["d_model"]), d_state=int(s["d_state"]), seed=seed,
-                                conv_depth=int(s["conv_depth"]),
+    return kalmamba_parts, dict(mc_dropout=bool(s["mc_dropout"]), latent_dim=int(s["latent"]),
+                                hidden=(h, h), d_model=int(s["d_model"]),
+                                d_state=int(s["d_state"]), conv_depth=int(s["conv_depth"]),
                                 elbo=_elbo("kalmamba", s))  # fmt: skip
 
 
-def _lvssf(dims, u, s, seed):
-    from .world_models.lvssf import lvssf_world_model
+def _lvssf(s: dict):
+    from .world_models.lvssf import lvssf_parts
 
-    return lvssf_world_model(dims, u, latent_dim=int(s["latent"]),
-                             hidden=int(s["model_hidden"]), seed=seed)  # fmt: skip
+    return lvssf_parts, dict(latent_dim=int(s["latent"]), hidden=int(s["model_hidden"]))
 
 
-def _ekvae(dims, u, s, seed):
-    from .world_models.ekvae import ekvae_world_model
+def _ekvae(s: dict):
+    from .world_models.ekvae import ekvae_parts
 
-    return ekvae_world_model(dims, u, latent_dim=int(s["latent"]),
-                             hidden=int(s["model_hidden"]), seed=seed)  # fmt: skip
+    return ekvae_parts, dict(latent_dim=int(s["latent"]), hidden=int(s["model_hidden"]))
+
+
+def _variant(family, **fixed):
+    """``family`` with some of its builder's arguments fixed (a paper's row of that family)."""
+
+    def arguments(s: dict):
+        builder, kwargs = family(s)
+        return builder, {**kwargs, **fixed}
+
+    return arguments
 
 
 #: MC-dropout rate of the RSSM variants (VRKN paper, Sec. 4.1: as VRKN's, 0.1)
 RSSM_DROPOUT = 0.1
 
-MODELS: dict[str, Callable[..., WorldModel]] = {
+#: name -> ``settings -> (builder, arguments)``: the family's ``*_parts`` builder of
+#: :mod:`rl.world_models` and its arguments read from a run's settings
+MODELS: dict[str, Callable[[dict], tuple[Callable[..., ModelParts], dict]]] = {
     "rssm": _rssm,
-    "rssm-mcd": lambda *a: _rssm(*a, mc_dropout=RSSM_DROPOUT),
-    "rssm-smoothing": lambda *a: _rssm(*a, smoothing=True),
-    "rssm-smoothing-mcd": lambda *a: _rssm(*a, smoothing=True, mc_dropout=RSSM_DROPOUT),
+    "rssm-mcd": _variant(_rssm, mc_dropout=RSSM_DROPOUT),
+    "rssm-smoothing": _variant(_rssm, smoothing=True),
+    "rssm-smoothing-mcd": _variant(_rssm, smoothing=True, mc_dropout=RSSM_DROPOUT),
     "vrkn": _vrkn,
-    "vrkn-nomcd": lambda *a: _vrkn(*a, mc_dropout=False),
+    "vrkn-nomcd": _variant(_vrkn, mc_dropout=False),
     "kalmamba": _kalmamba,
     "lvssf": _lvssf,
     "ekvae": _ekvae,
@@ -127,12 +136,26 @@ def check_model(name: str) -> None:
                          "module.path:factory")  # fmt: skip
 
 
+def parts(
+    name: str, obs_dims, action_dim: int, settings: dict, seed: int = 0, **overrides
+) -> ModelParts:
+    """Model, guide and ELBO of the registry's ``name``, sized by ``settings`` (a run's settings,
+    :func:`rl.presets.settings`); ``overrides`` are arguments of the family's builder in
+    :mod:`rl.world_models` (e.g. ``reward=False`` for a model that only trains, ``obs_var``)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    builder, kwargs = MODELS[name](settings)
+    return builder(obs_dims, int(action_dim), **{**kwargs, "seed": int(seed), **overrides})
+
+
 def build(name: str, obs_dims, action_dim: int, settings: dict, seed: int = 0) -> WorldModel:
     """The world model ``name`` (registry name or ``module.path:factory``) for observations of
     shape ``obs_dims`` (one shape, or ``{modality: shape}``) and ``action_dim`` actions."""
     check_model(name)
     if not is_factory_path(name):
-        return MODELS[name](obs_dims, int(action_dim), settings, int(seed))
+        if int(action_dim) < 1:
+            raise ValueError(f"a world model needs actions, got action_dim={action_dim}")
+        return from_parts(parts(name, obs_dims, action_dim, settings, seed))
     made = load_factory(name)(obs_dims, int(action_dim), seed=int(seed))
     if isinstance(made, WorldModel):
         return made

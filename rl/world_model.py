@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from numpyro import handlers
 
 from inference.evaluation import filter_beliefs, imagine_rollout  # noqa: F401 (re-exported)
-from inference.training import Objective
+from inference.training import Objective, elbo_objective
 from pssm.core import ActingModel, require
 
 PyTree = Any
@@ -202,19 +202,28 @@ def belief_world_model(model, objective: Objective, **step_options) -> WorldMode
     )
 
 
-def substituted_heads(model, single: str | None):
-    """``(reward, decode)`` of :class:`WorldModel` for a model whose ``reward()`` and
-    ``decoders()`` build NumPyro-registered networks (RSSM, KalMamba): each call runs them under
-    ``handlers.substitute(data=params)``. ``decode`` returns the dict of modalities, or the
-    modality ``single`` alone when it is given (a model of one unnamed observation)."""
+class ModelParts(NamedTuple):
+    """A model with what trains it and how it acts: the pieces a world model is made of, and
+    what an experiment that only trains and evaluates the model (system identification,
+    benchmarks) uses without the agent-facing wrapper.
 
-    def reward(params, f):
-        with handlers.substitute(data=params):
-            return model.reward()(f)
+    Attributes:
+        model: a NumPyro program offering a belief step (:class:`pssm.core.ActingModel`).
+        guide: its guide.
+        elbo: the NumPyro ELBO (or :class:`inference.training.MetricsELBO` wrapper) it trains
+            with.
+        step_options: keyword arguments of ``model.belief_step`` when acting (e.g. the RSSM
+            guide's ``posterior``, EKVAE's ``encoder``).
+    """
 
-    def decode(params, f):
-        with handlers.substitute(data=params):
-            out = {k: fn(f) for k, fn in model.decoders().items()}
-        return out if single is None else out[single]
+    model: Any
+    guide: Any
+    elbo: Any
+    step_options: dict = {}
 
-    return reward, decode
+
+def from_parts(parts: ModelParts) -> WorldModel:
+    """The world model of ``parts``: ``-ELBO`` of model and guide as the objective, acting by
+    the model's belief step (:func:`belief_world_model`)."""
+    objective = elbo_objective(parts.model, parts.guide, parts.elbo)
+    return belief_world_model(parts.model, objective, **parts.step_options)

@@ -11,7 +11,7 @@ from numpyro import handlers
 from inference import training
 from pssm.observations import step_observations
 from rl.world_model import filter_sequence, imagine_rollout
-from rl.world_models.rssm import RSSMBelief, rssm_model_and_guide, rssm_world_model
+from rl.world_models.rssm import RSSMBelief, rssm_parts, rssm_world_model
 
 B, T, P, U, RATE = 3, 5, 4, 2, 0.4
 SIZES = dict(stoch=3, deter=5, hidden=8)
@@ -65,7 +65,7 @@ def test_belief_step_walks_the_guides_path(variant):
     batch["actions"][:, -1] = 0.0
     raw, _ = wm.objective.init(jax.random.key(0), batch)
     params = wm.objective.constrain(raw)
-    model, guide = rssm_model_and_guide(P, U, **SIZES, **variant)
+    model, guide, _, _ = rssm_parts(P, U, **SIZES, **variant)
     with handlers.trace() as used, handlers.seed(rng_seed=0):
         model.belief_step(posterior=guide.belief_posterior)
     assert {k for k, v in used.items() if v["type"] == "param"} <= set(params)

@@ -15,7 +15,7 @@ from scipy import stats
 
 from inference.guides import filtering
 from pssm.rssm import rssm
-from rl.world_models.rssm import RSSMBelief, rssm_model_and_guide, rssm_world_model
+from rl.world_models.rssm import RSSMBelief, rssm_parts, rssm_world_model
 
 U, S, H = 2, 3, 5
 DIMS = {"image": (64, 64, 3), "proprio": 2}
@@ -43,7 +43,7 @@ def _batch(B=1, T=3):
 
 def test_images_model_guide_and_world_model_step_together():
     batch = _batch()
-    model, guide = rssm_model_and_guide(DIMS, U, **SIZES)
+    model, guide, _, _ = rssm_parts(DIMS, U, **SIZES)
     with handlers.seed(rng_seed=1):
         g = handlers.trace(guide).get_trace(**batch)
     assert {"filter_net_encoder_image$params", "filter_net$params"} <= set(g)

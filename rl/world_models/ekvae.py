@@ -15,15 +15,14 @@ import numpy as np
 
 from inference.guides import ekvae_guide
 from inference.objectives import EKVAEBound
-from inference.training import elbo_objective
 from pssm.ekvae import ekvae
 
-from ..world_model import WorldModel, belief_world_model
+from ..world_model import ModelParts, WorldModel, from_parts
 
-__all__ = ["ekvae_world_model"]
+__all__ = ["ekvae_parts", "ekvae_world_model"]
 
 
-def ekvae_world_model(
+def ekvae_parts(
     obs_dims,
     action_dim: int,
     *,
@@ -34,9 +33,11 @@ def ekvae_world_model(
     num_bases: int = 8,
     likelihood: str = "gaussian",
     elbo=None,
+    reward: bool = True,
     **model_kwargs,
-) -> WorldModel:
-    """Build an EKVAE with a reward head and its recognition model, as a world model.
+) -> ModelParts:
+    """An EKVAE with its recognition model and bound (:func:`ekvae_world_model` makes the world
+    model).
 
     Args:
         obs_dims: one vector's size or ``{modality: size}`` (vectors only, e.g. dm_control
@@ -51,6 +52,7 @@ def ekvae_world_model(
         likelihood: ``"gaussian"`` for state vectors (``"bernoulli"`` for intensities).
         elbo: the objective's ELBO (default :class:`inference.objectives.EKVAEBound`; the
             paper's constrained training: ``ConstrainedELBO(EKVAEBound())``).
+        reward: with a reward head (needed to act).
         **model_kwargs: further arguments of :func:`pssm.ekvae.ekvae`.
     """
     if isinstance(obs_dims, Mapping):
@@ -62,9 +64,13 @@ def ekvae_world_model(
     model = ekvae(
         obs_dims, max(1, d // 2) if aux_dim is None else int(aux_dim), d,
         action_dim=int(action_dim), num_bases=num_bases, transition_hidden=widths,
-        decoder_hidden=widths, likelihood=likelihood, reward=True, reward_hidden=widths,
+        decoder_hidden=widths, likelihood=likelihood, reward=reward, reward_hidden=widths,
         seed=seed, **model_kwargs,
     )  # fmt: skip
     guide = ekvae_guide(model, hidden=widths, seed=seed + 1)
-    objective = elbo_objective(model, guide, elbo or EKVAEBound())
-    return belief_world_model(model, objective, encoder=guide.encoder)
+    return ModelParts(model, guide, elbo or EKVAEBound(), {"encoder": guide.encoder})
+
+
+def ekvae_world_model(obs_dims, action_dim: int, **kwargs) -> WorldModel:
+    """An EKVAE with a reward head as a world model; arguments as :func:`ekvae_parts`."""
+    return from_parts(ekvae_parts(obs_dims, action_dim, **kwargs))

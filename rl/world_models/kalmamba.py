@@ -20,15 +20,14 @@ Monte-Carlo samples of the dynamics).
 
 from inference.guides import kalman_smoothing
 from inference.objectives import KalMambaELBO
-from inference.training import elbo_objective
 from pssm.kalmamba import KalMambaBelief, kalmamba
 
-from ..world_model import WorldModel, belief_world_model
+from ..world_model import ModelParts, WorldModel, from_parts
 
-__all__ = ["KalMambaBelief", "kalmamba_world_model"]
+__all__ = ["KalMambaBelief", "kalmamba_parts", "kalmamba_world_model"]
 
 
-def kalmamba_world_model(
+def kalmamba_parts(
     obs_dims,
     action_dim: int,
     *,
@@ -37,9 +36,11 @@ def kalmamba_world_model(
     mc_dropout: bool = True,
     act_dropout: bool = False,
     detach_filter: bool = True,
+    reward: bool = True,
     **model_kwargs,
-) -> WorldModel:
-    """Build KalMamba with a reward head as a world model.
+) -> ModelParts:
+    """KalMamba with its Kalman-smoothing guide and ELBO (:func:`kalmamba_world_model` makes
+    the world model).
 
     Args:
         obs_dims: observation shape or ``{modality: shape}`` (vectors or ``(H, W, C)`` images).
@@ -51,14 +52,20 @@ def kalmamba_world_model(
             :func:`pssm.kalmamba.kalmamba`'s ``mc_dropout``).
         act_dropout: MC dropout in ``observe`` / ``imagine`` / ``filter_sequence``.
         detach_filter: stop the regulariser's gradient into the filtered belief.
+        reward: with a reward head (needed to act; system identification trains without).
         **model_kwargs: sizes and options of :func:`pssm.kalmamba.kalmamba` (``latent_dim``,
             ``hidden``, ``d_model``, ``num_blocks``, ``d_state``, ``dropout``, ``seed``, ...).
     """
-    if int(action_dim) < 1:
-        raise ValueError(f"a world model needs actions, got action_dim={action_dim}")
     model = kalmamba(
-        obs_dims, action_dim=action_dim, reward=True, mc_dropout=mc_dropout, **model_kwargs
+        obs_dims, action_dim=action_dim, reward=reward, mc_dropout=mc_dropout, **model_kwargs
     )
     inner = KalMambaELBO(elbo, alpha=alpha, detach_filter=detach_filter)
-    objective = elbo_objective(model, kalman_smoothing(model, parallel=model.parallel), inner)
-    return belief_world_model(model, objective, act_dropout=act_dropout)
+    guide = kalman_smoothing(model, parallel=model.parallel)
+    return ModelParts(model, guide, inner, {"act_dropout": act_dropout})
+
+
+def kalmamba_world_model(obs_dims, action_dim: int, **kwargs) -> WorldModel:
+    """KalMamba with a reward head as a world model; arguments as :func:`kalmamba_parts`."""
+    if int(action_dim) < 1:
+        raise ValueError(f"a world model needs actions, got action_dim={action_dim}")
+    return from_parts(kalmamba_parts(obs_dims, action_dim, **kwargs))

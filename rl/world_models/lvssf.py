@@ -15,15 +15,14 @@ import numpy as np
 
 from inference.guides import backward_sampling
 from inference.objectives import PathKLELBO
-from inference.training import elbo_objective
 from pssm.lvssf import lvssf
 
-from ..world_model import WorldModel, belief_world_model
+from ..world_model import ModelParts, WorldModel, from_parts
 
-__all__ = ["lvssf_world_model"]
+__all__ = ["lvssf_parts", "lvssf_world_model"]
 
 
-def lvssf_world_model(
+def lvssf_parts(
     obs_dims,
     action_dim: int,
     *,
@@ -36,9 +35,11 @@ def lvssf_world_model(
     learn=("A", "B", "Sigma_w"),
     num_kl_samples: int = 64,
     elbo=None,
+    reward: bool = True,
     **model_kwargs,
-) -> WorldModel:
-    """Build an L-VSSF with vector sensors and a reward head, as a world model.
+) -> ModelParts:
+    """An L-VSSF with vector sensors, its backward-sampling guide and ELBO
+    (:func:`lvssf_world_model` makes the world model).
 
     Args:
         obs_dims: one vector's size or ``{modality: size}`` (vectors only, e.g. dm_control
@@ -52,6 +53,7 @@ def lvssf_world_model(
             at 0. ``learn``: which of ``A, B, Sigma_w`` are learned (default all).
         num_kl_samples: paths of the Monte Carlo KL (ignored when ``elbo`` is given).
         elbo: the objective's ELBO (default ``PathKLELBO(num_kl_samples)``).
+        reward: with a reward head (needed to act).
         **model_kwargs: further arguments of :func:`pssm.lvssf.lvssf`.
     """
     if isinstance(obs_dims, Mapping):
@@ -65,7 +67,11 @@ def lvssf_world_model(
         prior_cov=eye if prior_cov is None else prior_cov,
         Sigma_w=0.01 * eye if Sigma_w is None else Sigma_w,
         B=np.zeros((d, u)) if u else None, learn=tuple(k for k in learn if u or k != "B"),
-        hidden=hidden, reward=True, seed=seed, **model_kwargs,
+        hidden=hidden, reward=reward, seed=seed, **model_kwargs,
     )  # fmt: skip
-    objective = elbo_objective(model, backward_sampling(model), elbo or PathKLELBO(num_kl_samples))
-    return belief_world_model(model, objective)
+    return ModelParts(model, backward_sampling(model), elbo or PathKLELBO(num_kl_samples))
+
+
+def lvssf_world_model(obs_dims, action_dim: int, **kwargs) -> WorldModel:
+    """An L-VSSF with a reward head as a world model; arguments as :func:`lvssf_parts`."""
+    return from_parts(lvssf_parts(obs_dims, action_dim, **kwargs))

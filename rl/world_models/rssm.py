@@ -18,52 +18,14 @@ from collections.abc import Mapping
 from numpyro.infer import TraceMeanField_ELBO
 
 from inference.guides import filtering, smoothing_rssm
-from inference.training import elbo_objective
 from pssm.rssm import RSSMBelief, rssm
 
-from ..world_model import WorldModel, belief_world_model
+from ..world_model import ModelParts, WorldModel, from_parts
 
-__all__ = ["RSSMBelief", "rssm_model_and_guide", "rssm_world_model"]
-
-
-def rssm_model_and_guide(
-    obs_dims,
-    action_dim,
-    *,
-    stoch,
-    deter,
-    hidden,
-    posterior_hidden=None,
-    min_var=0.01,
-    obs_var=1.0,
-    mc_dropout=0.0,
-    smoothing=False,
-    backward_size=None,
-    conv_depth=32,
-    image_bits=5,
-    embed_features=None,
-    seed=0,
-):
-    """The NumPyro RSSM with a reward head and its amortised guide, filtering (sites
-    ``"filter_net..."``) or, with ``smoothing=True``, smoothing (``"smoother_net..."``): the
-    pair that :func:`rssm_world_model` trains (the same arguments give the same sites)."""
-    model = rssm(
-        obs_dims, action_dim, stoch, deter, hidden, min_var=min_var, obs_var=obs_var,
-        reward=True, mc_dropout=mc_dropout, conv_depth=conv_depth, image_bits=image_bits,
-        seed=seed,
-    )  # fmt: skip
-    common = dict(
-        hidden=posterior_hidden or hidden, latent_dim=stoch, min_var=min_var,
-        conv_depth=conv_depth, embed_features=embed_features, seed=seed + 1,
-    )  # fmt: skip
-    if smoothing:
-        guide = smoothing_rssm(model, backward_size=backward_size or deter, **common)
-    else:
-        guide = filtering(model, **common)
-    return model, guide
+__all__ = ["RSSMBelief", "rssm_parts", "rssm_world_model"]
 
 
-def rssm_world_model(
+def rssm_parts(
     obs_dims: int | tuple[int, ...] | Mapping[str, int | tuple[int, ...]],
     action_dim: int,
     *,
@@ -80,9 +42,10 @@ def rssm_world_model(
     image_bits: int = 5,
     embed_features: int | None = None,
     elbo=None,
+    reward: bool = True,
     seed: int = 0,
-) -> WorldModel:
-    """Build an RSSM with a reward head and its guide, as a world model.
+) -> ModelParts:
+    """An RSSM with its guide and ELBO (:func:`rssm_world_model` makes the world model).
 
     Args:
         obs_dims: one modality's shape (``p``, or ``(H, W, C)`` for ``uint8`` or preprocessed
@@ -94,20 +57,34 @@ def rssm_world_model(
         obs_var: fixed decoder variance (per pixel in the preprocessed scale for images).
         mc_dropout: MC-dropout rate of the deterministic path and prior (``0``: none; ``> 0``:
             the MCD-RSSM).
-        smoothing: train with the smoothing guide (the smoothing RSSM) instead of filtering;
-            agents then condition with its online approximation (``b_{t+1} = 0``).
+        smoothing: train with the smoothing guide (sites ``"smoother_net..."``) instead of
+            filtering (``"filter_net..."``): the smoothing RSSM; agents then condition with its
+            online approximation (``b_{t+1} = 0``).
         backward_size: size of the smoothing guide's backward GRU state (default ``deter``).
         conv_depth, image_bits, embed_features: image encoder/decoder width, colour depth and
             optional embedding head (see :func:`pssm.rssm.rssm`,
             :func:`inference.guides.filtering`).
         elbo: NumPyro ELBO (default ``TraceMeanField_ELBO()``: analytic per-step KL).
-        seed: network initialisation.
+        reward: with a reward head (needed to act; system identification trains without).
+        seed: network initialisation (the guide's: ``seed + 1``).
     """
-    model, guide = rssm_model_and_guide(
-        obs_dims, action_dim, stoch=stoch, deter=deter, hidden=hidden,
-        posterior_hidden=posterior_hidden, min_var=min_var, obs_var=obs_var,
-        mc_dropout=mc_dropout, smoothing=smoothing, backward_size=backward_size,
-        conv_depth=conv_depth, image_bits=image_bits, embed_features=embed_features, seed=seed,
+    model = rssm(
+        obs_dims, action_dim, stoch, deter, hidden, min_var=min_var, obs_var=obs_var,
+        reward=reward, mc_dropout=mc_dropout, conv_depth=conv_depth, image_bits=image_bits,
+        seed=seed,
     )  # fmt: skip
-    objective = elbo_objective(model, guide, elbo or TraceMeanField_ELBO())
-    return belief_world_model(model, objective, posterior=guide.belief_posterior)
+    common = dict(
+        hidden=posterior_hidden or hidden, latent_dim=stoch, min_var=min_var,
+        conv_depth=conv_depth, embed_features=embed_features, seed=seed + 1,
+    )  # fmt: skip
+    if smoothing:
+        guide = smoothing_rssm(model, backward_size=backward_size or deter, **common)
+    else:
+        guide = filtering(model, **common)
+    elbo = elbo or TraceMeanField_ELBO()
+    return ModelParts(model, guide, elbo, {"posterior": guide.belief_posterior})
+
+
+def rssm_world_model(obs_dims, action_dim: int, **kwargs) -> WorldModel:
+    """An RSSM with a reward head as a world model; arguments as :func:`rssm_parts`."""
+    return from_parts(rssm_parts(obs_dims, action_dim, **kwargs))

@@ -13,15 +13,14 @@ Training: ``-ELBO`` of the model with the Kalman-smoothing guide and free nats
 
 from inference.guides import kalman_smoothing
 from inference.objectives import FreeNatsELBO
-from inference.training import elbo_objective
 from pssm.vrkn import VRKNBelief, vrkn
 
-from ..world_model import WorldModel, belief_world_model
+from ..world_model import ModelParts, WorldModel, from_parts
 
-__all__ = ["VRKNBelief", "vrkn_world_model"]
+__all__ = ["VRKNBelief", "vrkn_parts", "vrkn_world_model"]
 
 
-def vrkn_world_model(
+def vrkn_parts(
     obs_dims,
     action_dim: int,
     *,
@@ -33,10 +32,12 @@ def vrkn_world_model(
     free_nats: float = 3.0,
     features: str = "mean",
     elbo=None,
+    reward: bool = True,
     seed: int = 0,
     **model_kwargs,
-) -> WorldModel:
-    """Build a VRKN with a reward head and its Kalman-smoothing guide, as a world model.
+) -> ModelParts:
+    """A VRKN with its Kalman-smoothing guide and ELBO (:func:`vrkn_world_model` makes the world
+    model).
 
     Args:
         obs_dims: one modality's shape or ``{modality: shape}`` (ints for vectors,
@@ -48,6 +49,7 @@ def vrkn_world_model(
         features: ``"mean"`` (the belief mean) or ``"sample"`` (its sample, as the official
             code feeds actor, critic and reward head).
         elbo: the ELBO to train with (default ``FreeNatsELBO(free_nats)``).
+        reward: with a reward head (needed to act; system identification trains without).
         seed: network initialisation.
         **model_kwargs: further arguments of :func:`pssm.vrkn.vrkn`.
     """
@@ -55,7 +57,12 @@ def vrkn_world_model(
         raise ValueError(f"features must be 'mean' or 'sample', got {features!r}")
     model = vrkn(
         obs_dims, action_dim, latent_dim, hidden, mlp_hidden=mlp_hidden, mc_dropout=mc_dropout,
-        dropout_rate=dropout_rate, reward=True, seed=seed, **model_kwargs,
+        dropout_rate=dropout_rate, reward=reward, seed=seed, **model_kwargs,
     )  # fmt: skip
-    objective = elbo_objective(model, kalman_smoothing(model), elbo or FreeNatsELBO(free_nats))
-    return belief_world_model(model, objective, features=features)
+    elbo = elbo or FreeNatsELBO(free_nats)
+    return ModelParts(model, kalman_smoothing(model), elbo, {"features": features})
+
+
+def vrkn_world_model(obs_dims, action_dim: int, **kwargs) -> WorldModel:
+    """A VRKN with a reward head as a world model; arguments as :func:`vrkn_parts`."""
+    return from_parts(vrkn_parts(obs_dims, action_dim, **kwargs))
