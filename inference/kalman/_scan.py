@@ -68,3 +68,18 @@ def scan(
         else (lambda o, f: jnp.concatenate([f[None], o]))
     )
     return jax.tree.map(join, out, read(first))
+
+
+def per_step(arrays: tuple, varying: tuple[bool, ...]) -> tuple[tuple, Callable[[tuple], tuple]]:
+    """``(xs, at)`` for a ``lax.scan`` over a mix of static and time-varying arrays.
+
+    ``xs`` holds only the time-varying ones (``None`` in place of the others), so static
+    parameters are neither broadcast nor sliced per step; ``at(xs_t)`` puts the static ones
+    back beside the step's slices.
+    """
+    xs = tuple(a if v else None for a, v in zip(arrays, varying, strict=True))
+
+    def at(xs_t: tuple) -> tuple:
+        return tuple(x if v else a for a, x, v in zip(arrays, xs_t, varying, strict=True))
+
+    return xs, at

@@ -32,18 +32,23 @@ from ._types import Dynamics, Emissions, Gaussian
 
 
 class Canonical(NamedTuple):
-    """The model with every parameter time-varying and every mask explicit (internal form).
+    """The checked model in the kernels' form (internal).
 
-    Diagonal: ``w, R, mask`` are ``(T, K, d)``, ``H`` is None. Dense: ``w, mask`` are ``(T, p)``,
-    ``H`` is ``(T, p, d)`` and ``R`` is ``(T, p, p)``; rows of ``H``, ``R`` and ``w`` that are
-    masked are zeroed (and ``R`` gets a unit diagonal there) so they carry no information.
+    Parameters keep the form they were given in: static ones without a time axis, time-varying
+    ones with it (``dynamics`` ``T - 1``, emissions ``T``), which their number of dimensions
+    tells apart; ``b`` may be ``None`` and ``mask`` is ``None`` when everything is observed.
+    Diagonal: ``w`` ``(T, K, d)``, ``R`` ``(K, d)`` or ``(T, K, d)``, ``mask`` broadcastable to
+    ``w`` (``(T, 1, 1)``, ``(T, K, 1)`` or ``(T, K, d)``), ``H`` None. Dense: ``w`` ``(T, p)``,
+    ``R`` ``(p, p)`` or ``(T, p, p)``, ``H`` ``None`` (identity), ``(p, d)`` or ``(T, p, d)``,
+    ``mask`` ``(T, p)``; masked rows are decoupled per step (:func:`step.condition`).
+    :func:`expand` gives the all-time-varying form the parallel elements need.
     """
 
     prior: Gaussian
-    dynamics: Dynamics  # leading axis T - 1
+    dynamics: Dynamics
     w: Array
     R: Array
-    mask: Array
+    mask: Array | None
     H: Array | None
 
 
@@ -143,6 +148,26 @@ def _mask(mask: Array | None, w: Array, dtype) -> Array:
     return jnp.broadcast_to(mask, w.shape)
 
 
+def _given_mask(mask: Array | None, w: Array, dtype) -> Array | None:
+    """The mask as ``dtype``, with trailing unit axes up to ``w``'s rank (unbroadcast)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, jax.core.Tracer):
+        mask = np.asarray(mask)  # read once (a device array would be copied per check)
+    if np.shape(mask) != w.shape[: np.ndim(mask)] or np.ndim(mask) == 0:
+        raise _shape_error("mask", np.shape(mask), f"a prefix of w's shape {w.shape}")
+    check_mask("mask", mask)
+    mask = jnp.asarray(mask).astype(dtype)
+    return mask.reshape(mask.shape + (1,) * (w.ndim - mask.ndim))
+
+
+def _static_or_varying(name: str, x: Array, static_shape: tuple, n: int) -> Array:
+    """Check that ``x`` is ``static_shape`` or ``(n, *static_shape)``; return it unbroadcast."""
+    if x.shape not in (static_shape, (n, *static_shape)):
+        raise _shape_error(name, x.shape, f"{static_shape} (static) or {(n, *static_shape)}")
+    return x
+
+
 def canonicalize(
     prior: Gaussian, dynamics: Dynamics, emissions: Emissions
 ) -> tuple[Algebra, Canonical]:
@@ -166,14 +191,10 @@ def canonicalize(
     T = w.shape[0]
     if T < 1:
         raise ValueError("w must have at least one time step")
-    A = _time_varying("A", A, cov, T - 1)
-    Q = _time_varying("Q", Q, cov, T - 1)
-    b = (
-        jnp.zeros((T - 1, d), dtype)
-        if b is None
-        else _time_varying("b", b.astype(dtype), (d,), T - 1)
-    )
-    mask = _mask(emissions.mask, w, dtype)
+    A = _static_or_varying("A", A, cov, T - 1)
+    Q = _static_or_varying("Q", Q, cov, T - 1)
+    b = None if b is None else _static_or_varying("b", b.astype(dtype), (d,), T - 1)
+    mask = _given_mask(emissions.mask, w, dtype)
 
     if alg.diagonal:
         if H is not None:
@@ -182,43 +203,61 @@ def canonicalize(
                 "coordinates of a sensor in the mask instead"
             )
         if w.ndim == 2:
-            w, mask = w[:, None], mask[:, None]
+            w = w[:, None]
+            mask = None if mask is None else mask[:, None]
             R = R[None] if R.ndim == 1 else R[:, None]
         if w.ndim != 3 or w.shape[2] != d:
             raise _shape_error("w", emissions.w.shape, f"(T, {d}) or (T, K, {d})")
-        R = _time_varying("R", R, w.shape[1:], T)
-        obs = mask > 0
-        R = jnp.where(obs, R, 1.0)
-        _check_variance("R", R, True)
-        _check_finite("w (where observed)", jnp.where(obs, w, 0.0))
-        w = jnp.where(obs, w, 0.0)
-        Hc = None
+        R = _static_or_varying("R", R, w.shape[1:], T)
+        obs = True if mask is None else jnp.broadcast_to(mask, w.shape) > 0
+        _check_variance("R", R if mask is None else jnp.where(obs, R, 1.0), True)
+        _check_finite("w (where observed)", w if mask is None else jnp.where(obs, w, 0.0))
     else:
         if w.ndim != 2:
             raise _shape_error("w", w.shape, "(T, p) for dense structure")
         p = w.shape[1]
-        if H is None:
-            if p != d:
-                raise ValueError(f"H is None (identity) but w has {p} columns and the state {d}")
-            H = jnp.eye(d, dtype=dtype)
-        Hc = _time_varying("H", H.astype(dtype), (p, d), T)
-        R = _time_varying("R", R, (p, p), T)
-        _check_finite("H", Hc)
+        if H is None and p != d:
+            raise ValueError(f"H is None (identity) but w has {p} columns and the state {d}")
+        if H is not None:
+            H = _static_or_varying("H", H.astype(dtype), (p, d), T)
+            _check_finite("H", H)
+        R = _static_or_varying("R", R, (p, p), T)
         _check_variance("R", R, False)
-        _check_finite("w (where observed)", jnp.where(mask > 0, w, 0.0))
-        obs = mask > 0
-        pair = obs[:, :, None] & obs[:, None, :]
-        R = jnp.where(pair, R, 0.0) + jnp.where(obs, 0.0, 1.0)[..., None] * jnp.eye(p, dtype=dtype)
-        Hc = jnp.where(obs[..., None], Hc, 0.0)
-        w = jnp.where(obs, w, 0.0)
+        _check_finite("w (where observed)", w if mask is None else jnp.where(mask > 0, w, 0.0))
 
     _check_finite("prior mean m0", m0)
     _check_variance("prior covariance P0", P0, alg.diagonal)
     _check_finite("A", A)
-    _check_finite("b", b)
+    if b is not None:
+        _check_finite("b", b)
     _check_variance("Q", Q, alg.diagonal)
-    canon = Canonical(Gaussian(m0, P0), Dynamics(A, b, Q), w, R, mask, Hc)
-    return alg, canon
+    return alg, Canonical(Gaussian(m0, P0), Dynamics(A, b, Q), w, R, mask, H)
+
+
+def expand(alg: Algebra, c: Canonical) -> Canonical:
+    """Every parameter time-varying, ``b`` and ``mask`` explicit, masked entries neutral (the
+    parallel elements' form): diagonal ``w`` zero and ``R`` one where masked; dense ``H`` and
+    ``w`` rows zero and ``R`` a unit row and column where masked."""
+    (m0, P0), (A, b, Q) = c.prior, c.dynamics
+    T, d, dtype = c.w.shape[0], m0.shape[0], m0.dtype
+    cov = P0.shape
+    A, Q = (_time_varying(n, x, cov, T - 1) for n, x in (("A", A), ("Q", Q)))
+    b = jnp.zeros((T - 1, d), dtype) if b is None else _time_varying("b", b, (d,), T - 1)
+    mask = jnp.ones(c.w.shape, dtype) if c.mask is None else jnp.broadcast_to(c.mask, c.w.shape)
+    obs = mask > 0
+    if alg.diagonal:
+        R = _time_varying("R", c.R, c.w.shape[1:], T)
+        R, w, H = jnp.where(obs, R, 1.0), jnp.where(obs, c.w, 0.0), None
+    else:
+        p = c.w.shape[1]
+        H = jnp.eye(d, dtype=dtype) if c.H is None else c.H
+        H = _time_varying("H", H, (p, d), T)
+        R = _time_varying("R", c.R, (p, p), T)
+        pair = obs[:, :, None] & obs[:, None, :]
+        R = jnp.where(pair, R, 0.0) + jnp.where(obs, 0.0, 1.0)[..., None] * jnp.eye(p, dtype=dtype)
+        H = jnp.where(obs[..., None], H, 0.0)
+        w = jnp.where(obs, c.w, 0.0)
+    return Canonical(c.prior, Dynamics(A, b, Q), w, R, mask, H)
 
 
 def stack_sensors(sensors: list[Emissions]) -> Emissions:

@@ -37,7 +37,7 @@ from jax import Array
 from . import _scan, step
 from ._algebra import Algebra
 from ._types import Dynamics, Emissions, FilterResult, Gaussian, LinearGaussian
-from ._validate import Canonical, canonicalize
+from ._validate import Canonical, canonicalize, expand
 
 
 def observation_information(alg: Algebra, c: Canonical) -> tuple[Array, Array]:
@@ -76,19 +76,18 @@ def filter_combine(alg: Algebra, earlier, later):
     return A, b, C, eta, J
 
 
-def _conditioner(alg: Algebra, c: Canonical):
-    """``(observations, condition)``: the per-step observation arrays of a canonical model
-    (leading axis ``T``) and ``condition(belief, one step of them) -> (belief, log-lik)``."""
-    if alg.diagonal:
-        return (c.w, c.R, c.mask), lambda belief, o: step.update_diagonal(belief, *o)
-    observed = jnp.sum(c.mask, axis=-1)
-    return (c.w, c.H, c.R, observed), lambda belief, o: step.update_dense(belief, *o)
+def dynamics_per_step(alg: Algebra, dynamics: Dynamics) -> tuple[tuple, bool]:
+    """Which of ``(A, b, Q)`` carry a time axis (static ones have the covariance's rank)."""
+    rank = 1 if alg.diagonal else 2
+    A, b, Q = dynamics
+    return (A.ndim > rank, b is not None and b.ndim > 1, Q.ndim > rank)
 
 
-def log_likelihoods(alg: Algebra, c: Canonical, predicted: Gaussian) -> Array:
-    """Per-step ``log p(o_t | o_{0:t-1})`` from the predicted beliefs, shape ``(T,)``."""
-    obs, condition = _conditioner(alg, c)
-    return jax.vmap(lambda belief, o: condition(belief, o)[1])(predicted, obs)
+def _observations(alg: Algebra, c: Canonical):
+    """``(xs, at)``: the per-step observation arrays ``(w, R, mask, H)`` of a canonical model
+    for ``lax.scan`` (static ones kept out), and ``at(xs_t)`` giving one step's full set."""
+    varying = (True, c.R.ndim == 3, c.mask is not None, c.H is not None and c.H.ndim == 3)
+    return _scan.per_step((c.w, c.R, c.mask, c.H), varying)
 
 
 def _elements(alg: Algebra, c: Canonical):
@@ -101,29 +100,36 @@ def _elements(alg: Algebra, c: Canonical):
 
 
 def _sequential_filter(alg: Algebra, c: Canonical, unroll: int) -> FilterResult:
-    """The textbook recursion: ``update`` the prior on ``o_0``, then ``predict``/``update``."""
-    obs, condition = _conditioner(alg, c)
-    first, ll0 = condition(c.prior, jax.tree.map(lambda x: x[0], obs))
+    """The textbook recursion, one ``lax.scan`` of :func:`step.predict` and
+    :func:`step.condition` (the exported single step) that emits the predicted belief, the
+    filtered belief and the log-likelihood of every step; static parameters stay out of the
+    scanned inputs. The carry is the predicted belief, so step ``t`` conditions on ``o_t`` and
+    predicts ``t + 1``: no output has to be joined to a first step afterwards. The last step's
+    prediction is not needed (with time-varying dynamics their last entry stands in for it)."""
+    obs, at_obs = _observations(alg, c)
+    A, b, Q = c.dynamics
+    T = c.w.shape[0]
+    varying = dynamics_per_step(alg, c.dynamics)
+    if T > 1 and any(varying):  # a stand-in for the last step's unused transition
+        pad = lambda x, v: jnp.concatenate([x, x[-1:]]) if v else x  # noqa: E731
+        A, b, Q = (pad(x, v) for x, v in zip((A, b, Q), varying, strict=True))
+    dyn, at_dyn = _scan.per_step((A, b, Q), varying if T > 1 else (False,) * 3)
 
-    def advance(filtered, inputs):
-        dynamics, o = inputs
-        predicted = step.predict(filtered, dynamics)
-        filtered, ll = condition(predicted, o)
-        return filtered, (predicted, filtered, ll)
+    def advance(predicted, inputs):
+        o, d = inputs
+        filtered, ll = step.condition(predicted, *at_obs(o))
+        nxt = step.predict(filtered, Dynamics(*at_dyn(d))) if T > 1 else predicted
+        return nxt, (predicted, filtered, ll)
 
-    rest = jax.tree.map(lambda x: x[1:], obs)
-    _, (pred, filt, lls) = jax.lax.scan(advance, first, (c.dynamics, rest), unroll=unroll)
-    join = lambda a, x: jnp.concatenate([a[None], x])  # noqa: E731
-    lls = join(ll0, lls)
-    return FilterResult(
-        jax.tree.map(join, c.prior, pred), jax.tree.map(join, first, filt), lls, jnp.sum(lls)
-    )
+    _, (pred, filt, lls) = jax.lax.scan(advance, c.prior, (obs, dyn), unroll=unroll)
+    return FilterResult(pred, filt, lls, jnp.sum(lls))
 
 
 def run_filter(alg: Algebra, c: Canonical, *, parallel: bool, unroll: int) -> FilterResult:
     """Filter a canonical model (shared by :func:`filter` and the smoother)."""
     if not parallel:
         return _sequential_filter(alg, c, unroll)
+    c = expand(alg, c)
     (m0, P0) = c.prior
     elems = _elements(alg, c)
     mean, cov = _scan.scan(
@@ -139,7 +145,7 @@ def run_filter(alg: Algebra, c: Canonical, *, parallel: bool, unroll: int) -> Fi
     predicted = Gaussian(
         jnp.concatenate([m0[None], pred.mean]), jnp.concatenate([P0[None], pred.cov])
     )
-    lls = log_likelihoods(alg, c, predicted)
+    lls = jax.vmap(lambda *a: step.condition(*a)[1])(predicted, c.w, c.R, c.mask, c.H)
     return FilterResult(predicted, filtered, lls, jnp.sum(lls))
 
 
@@ -184,5 +190,5 @@ def one_step_conditionals(
         ``(q(z_0 | o_0), LinearGaussian)`` with leading axis ``T - 1`` for ``t = 1..T-1``.
     """
     alg, c = canonicalize(prior, dynamics, emissions)
-    A, b, C, _, _ = _elements(alg, c)
+    A, b, C, _, _ = _elements(alg, expand(alg, c))
     return Gaussian(b[0], C[0]), LinearGaussian(A[1:], b[1:], C[1:])

@@ -32,7 +32,7 @@ from . import _scan, step
 from ._algebra import Algebra, algebra_for
 from ._types import Dynamics, Emissions, FilterResult, Gaussian, LinearGaussian, SmootherResult
 from ._validate import canonicalize
-from .filtering import run_filter
+from .filtering import dynamics_per_step, run_filter
 
 
 def compose(alg: Algebra, acc: LinearGaussian, elem: LinearGaussian) -> LinearGaussian:
@@ -81,19 +81,48 @@ def backward_conditionals(filtered: FilterResult | Gaussian, dynamics: Dynamics)
     """
     belief = filtered.filtered if isinstance(filtered, FilterResult) else filtered
     alg = algebra_for(belief.cov[0])
-    T = belief.mean.shape[0]
     stat = belief.cov.shape[1:]
     A, b, Q = dynamics
-    if b is None:
-        b = jnp.zeros_like(belief.mean[:-1])
-    A, Q = (jnp.broadcast_to(x, (T - 1, *stat)) if x.ndim == len(stat) else x for x in (A, Q))
-    b = jnp.broadcast_to(b, (T - 1, belief.mean.shape[1]))
+    A_ax, b_ax, Q_ax = (
+        None if x is None or x.ndim == r else 0 for x, r in ((A, len(stat)), (b, 1), (Q, len(stat)))
+    )
     now = Gaussian(belief.mean[:-1], belief.cov[:-1])
     if isinstance(filtered, FilterResult):
         pred = Gaussian(filtered.predicted.mean[1:], filtered.predicted.cov[1:])
     else:
-        pred = jax.vmap(step.predict)(now, Dynamics(A, b, Q))
-    return jax.vmap(partial(_backward_element, alg))(*now, A, Q, *pred)
+        predict = lambda m, P, A, b, Q: step.predict(Gaussian(m, P), Dynamics(A, b, Q))  # noqa: E731
+        pred = jax.vmap(predict, in_axes=(0, 0, A_ax, b_ax, Q_ax))(*now, A, b, Q)
+    element = partial(_backward_element, alg)
+    return jax.vmap(element, in_axes=(0, 0, A_ax, Q_ax, 0, 0))(*now, A, Q, *pred)
+
+
+def _sequential_smoother(
+    alg: Algebra, filtered: FilterResult, dynamics: Dynamics, unroll: int
+) -> SmootherResult:
+    """RTS smoothing as one reverse ``lax.scan``: each step forms the backward conditional
+    from the stored filtered and predicted beliefs (:func:`_backward_element`, one
+    factorisation of the predicted covariance) and composes it with the smoothed belief of the
+    next step (:func:`compose`), emitting both and the cross-covariance ``E_t Ps_{t+1}``."""
+    f, p = filtered.filtered, filtered.predicted
+    A, _, Q = dynamics
+    varying = dynamics_per_step(alg, dynamics)
+    (A_xs, Q_xs), at = _scan.per_step((A, Q), (varying[0], varying[2]))
+
+    def back(acc, inputs):
+        m, P, m_pred, P_pred, dyn = inputs
+        A_t, Q_t = at(dyn)
+        elem = _backward_element(alg, m, P, A_t, Q_t, m_pred, P_pred)
+        ms, Ps = acc
+        new = compose(alg, LinearGaussian(jnp.zeros_like(Ps), ms, Ps), elem)
+        return (new.b, new.Q), (new.b, new.Q, alg.mm(elem.A, Ps), elem)
+
+    last = (f.mean[-1], f.cov[-1])
+    xs = (f.mean[:-1], f.cov[:-1], p.mean[1:], p.cov[1:], (A_xs, Q_xs))
+    _, (ms, Ps, cross, elems) = jax.lax.scan(back, last, xs, reverse=True, unroll=unroll)
+    smoothed = Gaussian(
+        *(jnp.concatenate([x, y[None]]) for x, y in zip((ms, Ps), last, strict=True))
+    )
+    return SmootherResult(filtered, smoothed, cross, elems)
 
 
 def smooth_filtered(
@@ -122,6 +151,8 @@ def smoother(
     """
     alg, c = canonicalize(prior, dynamics, emissions)
     filtered = run_filter(alg, c, parallel=parallel, unroll=unroll)
+    if not parallel:
+        return _sequential_smoother(alg, filtered, c.dynamics, unroll)
     return smooth_filtered(alg, filtered, c.dynamics, parallel=parallel, unroll=unroll)
 
 

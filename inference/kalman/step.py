@@ -54,48 +54,81 @@ def predict(belief: Gaussian, dynamics: Dynamics) -> Gaussian:
     return Gaussian(mean if b is None else mean + b, cov)
 
 
-def update_diagonal(belief: Gaussian, w: Array, R: Array, mask: Array) -> tuple[Gaussian, Array]:
+def update_diagonal(
+    belief: Gaussian, w: Array, R: Array, mask: Array | None
+) -> tuple[Gaussian, Array]:
     """Condition ``N(m, diag P)`` ``(..., d)`` on ``K`` sensors ``w, R`` ``(..., K, d)``;
-    ``mask`` (0/1, broadcastable to ``w``) marks what was seen; masked entries of ``w`` and
-    ``R`` may hold anything finite. Returns the posterior and the log-likelihood ``(...)``.
+    ``mask`` (0/1, broadcastable to ``w``; ``None``: all seen) marks what was seen; masked
+    entries of ``w`` and ``R`` may hold anything. Returns the posterior and the log-likelihood
+    ``(...)``.
 
     The log-likelihood splits, with the fused pseudo-observation ``ybar = h / J`` of variance
     ``1 / J``, into the sensors' disagreement ``sum_k (w_k - ybar)^2 / R_k`` and
     ``(ybar - m)^2 / (P + 1/J)`` (matrix determinant lemma for the log-determinant): no
-    cancellation, no division by zero for an unobserved coordinate.
+    cancellation, no division by zero for an unobserved coordinate. With one sensor the
+    disagreement is zero and ``ybar = w``: ``(w - m)^2 J / (1 + P J)``.
     """
     m, P = belief
-    seen = jnp.broadcast_to(mask, w.shape) > 0
-    prec = jnp.where(seen, 1.0 / jnp.where(seen, R, 1.0), 0.0)
-    w = jnp.where(seen, w, 0.0)
+    if mask is None:
+        prec, logR = 1.0 / R, jnp.log(R) + _LOG_2PI
+    else:
+        seen = jnp.broadcast_to(mask, w.shape) > 0
+        prec = jnp.where(seen, 1.0 / jnp.where(seen, R, 1.0), 0.0)
+        w = jnp.where(seen, w, 0.0)
+        logR = jnp.where(seen, jnp.log(jnp.where(seen, R, 1.0)) + _LOG_2PI, 0.0)
     J = jnp.sum(prec, axis=-2)
     h = jnp.sum(prec * w, axis=-2)
     denom = 1.0 + P * J
-    observed = J > 0
-    ybar = jnp.where(observed, h / jnp.where(observed, J, 1.0), 0.0)
-    quad = jnp.sum(prec * (w - ybar[..., None, :]) ** 2, axis=-2) + (ybar - m) ** 2 * J / denom
-    logdet = jnp.sum(jnp.where(seen, jnp.log(jnp.where(seen, R, 1.0)) + _LOG_2PI, 0.0), axis=-2)
-    ll = -0.5 * jnp.sum(quad + logdet + jnp.log(denom), axis=-1)
+    if w.shape[-2] == 1:  # one sensor: ybar = w where seen (w is zero where not, and so is J)
+        quad = (w[..., 0, :] - m) ** 2 * J / denom
+    else:
+        observed = J > 0
+        ybar = jnp.where(observed, h / jnp.where(observed, J, 1.0), 0.0)
+        spread = jnp.sum(prec * (w - ybar[..., None, :]) ** 2, axis=-2)
+        quad = spread + (ybar - m) ** 2 * J / denom
+    ll = -0.5 * jnp.sum(quad + jnp.sum(logR, axis=-2) + jnp.log(denom), axis=-1)
     return Gaussian((m + P * h) / denom, P / denom), ll
 
 
 def update_dense(
-    belief: Gaussian, w: Array, H: Array, R: Array, num_observed: Array | int
+    belief: Gaussian, w: Array, H: Array | None, R: Array, num_observed: Array | int
 ) -> tuple[Gaussian, Array]:
-    """Condition ``N(m, P)`` on ``w = H z + N(0, R)`` (one belief, ``(p,)``, ``(p, d)``,
-    ``(p, p)``). Unobserved rows must already be decoupled (zero in ``w`` and ``H``, a unit
-    row and column in ``R``); ``num_observed`` counts the others (for the ``log 2 pi`` term)."""
+    """Condition ``N(m, P)`` on ``w = H z + N(0, R)`` (one belief, ``(p,)``, ``(p, d)`` or
+    ``None`` for the identity, ``(p, p)``). Unobserved rows must already be decoupled (zero in
+    ``w`` and ``H``, a unit row and column in ``R``); ``num_observed`` counts the others (for the
+    ``log 2 pi`` term)."""
     m, P = belief
-    HP = H @ P
-    S = HP @ H.T + R
+    HP = P if H is None else H @ P
+    S = (HP if H is None else HP @ H.T) + R
     L = jnp.linalg.cholesky(0.5 * (S + S.T))
     # two solves, not one with [HP | r]: the covariances do not depend on the data, so under
     # ``vmap`` over sequences that share parameters this one stays unbatched (a 10x difference)
     U = solve_triangular(L, HP, lower=True)
-    v = solve_triangular(L, w - H @ m, lower=True)
+    v = solve_triangular(L, w - (m if H is None else H @ m), lower=True)
     cov = P - U.T @ U
     ll = -0.5 * (v @ v + 2.0 * jnp.sum(jnp.log(jnp.diagonal(L))) + num_observed * _LOG_2PI)
     return Gaussian(m + U.T @ v, 0.5 * (cov + cov.T)), ll
+
+
+def condition(
+    belief: Gaussian, w: Array, R: Array, mask: Array | None, H: Array | None
+) -> tuple[Gaussian, Array]:
+    """:func:`update` on arguments already in the filter's per-step form, unchecked.
+
+    Diagonal: ``w, R`` ``(..., K, d)``, ``mask`` ``None`` or broadcastable to ``w``. Dense:
+    ``w`` ``(p,)``, ``R`` ``(p, p)``, ``H`` ``(p, d)`` or ``None`` (identity), ``mask`` ``None``
+    or ``(p,)``; masked rows are decoupled here.
+    """
+    if is_diagonal(belief):
+        return update_diagonal(belief, w, R, mask)
+    if mask is None:
+        return update_dense(belief, w, H, R, jnp.shape(w)[0])
+    p, dtype = jnp.shape(w)[0], jnp.result_type(belief.mean)
+    seen = jnp.broadcast_to(jnp.asarray(mask) > 0, (p,))
+    pair = seen[:, None] & seen[None, :]
+    R = jnp.where(pair, R, 0.0) + jnp.diag(jnp.where(seen, 0.0, 1.0).astype(dtype))
+    H = jnp.where(seen[:, None], jnp.eye(p, dtype=dtype) if H is None else H, 0.0)
+    return update_dense(belief, jnp.where(seen, w, 0.0), H, R, jnp.sum(seen))
 
 
 def update(
@@ -111,25 +144,15 @@ def update(
     dtype = jnp.result_type(belief.mean)
     if mask is not None:
         check_mask("mask", jnp.asarray(mask))
-    if is_diagonal(belief):
-        if H is not None:
-            raise ValueError("H must be None for a diagonal belief (identity)")
-        single = jnp.ndim(w) == jnp.ndim(belief.mean)
-        w, R = (w[..., None, :], R[..., None, :]) if single else (w, R)
-        if mask is None:
-            mask = jnp.ones((), dtype)
-        else:
-            mask = jnp.asarray(mask, dtype)
-            if single and mask.ndim == jnp.ndim(w) - 1:  # per entry of the one sensor
-                mask = mask[..., None, :]
-            mask = mask.reshape(mask.shape + (1,) * (jnp.ndim(w) - mask.ndim))  # per step/sensor
-        return update_diagonal(belief, w, R, mask)
-    p = jnp.shape(w)[0]
-    H = jnp.eye(p, dtype=dtype) if H is None else H
-    if mask is None:
-        return update_dense(belief, w, H, R, p)
-    seen = jnp.broadcast_to(jnp.asarray(mask) > 0, (p,))
-    pair = seen[:, None] & seen[None, :]
-    R = jnp.where(pair, R, 0.0) + jnp.diag(jnp.where(seen, 0.0, 1.0).astype(dtype))
-    H = jnp.where(seen[:, None], H, 0.0)
-    return update_dense(belief, jnp.where(seen, w, 0.0), H, R, jnp.sum(seen))
+    if not is_diagonal(belief):
+        return condition(belief, w, R, mask, H)
+    if H is not None:
+        raise ValueError("H must be None for a diagonal belief (identity)")
+    single = jnp.ndim(w) == jnp.ndim(belief.mean)
+    w, R = (w[..., None, :], R[..., None, :]) if single else (w, R)
+    if mask is not None:
+        mask = jnp.asarray(mask, dtype)
+        if single and mask.ndim == jnp.ndim(w) - 1:  # per entry of the one sensor
+            mask = mask[..., None, :]
+        mask = mask.reshape(mask.shape + (1,) * (jnp.ndim(w) - mask.ndim))  # per step/sensor
+    return update_diagonal(belief, w, R, mask)
