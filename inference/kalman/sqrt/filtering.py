@@ -13,11 +13,17 @@ prior ``N(F z_{t-1} + u, L_Q L_Q^T)`` (``F = 0, u = m_0, L_Q = L_0`` at ``t = 0`
 
 Combining ``(earlier i, later j)``, with ``tria([[U_i^T Z_j, I], [Z_j, 0]]) = [[Y, 0], [X21, X22]]``
 (so ``Y Y^T = I + U_i^T J_j U_i``, ``D = I - U_i Y^{-T} X21^T = (I + C_i J_j)^{-1}``,
-``X22 X22^T = J_j D``)::
+``X22 X22^T = J_j D``) and the innovation ``r = eta_j - Z_j Z_j^T b_i``, ``q = Y^{-1} U_i^T r``::
 
-    A = A_j D A_i,                 b = A_j D (b_i + U_i U_i^T eta_j) + b_j,
-    U = tria([A_j U_i Y^{-T}, U_j]),
-    eta = A_i^T D^T (eta_j - Z_j Z_j^T b_i) + eta_i,     Z = tria([A_i^T X22, Z_i]).
+    A = A_j D A_i,                      b = A_j (b_i + U_i Y^{-T} q) + b_j,
+    U = tria([A_j U_i Y^{-T}, U_j]),    eta = A_i^T (r - X21 q) + eta_i,
+    Z = tria([A_i^T X22, Z_i]).
+
+These are Yaghoobi et al.'s combination with the means written as updates, ``b_i`` plus a gain
+times the innovation (``D (b_i + C_i eta_j) = b_i + U_i Y^{-T} q``, ``D^T r = r - X21 q``), not
+as ``D (b_i + C_i eta_j)``: ``C_i eta_j`` is a product of the largest variances and precisions,
+and in float32 its rounding error survives the multiplication by ``D`` (on the ill-conditioned
+model of the tests it cost the smoothed means half their magnitude).
 
 Only ``J``'s square root ``Z`` may be singular (it has the rank of the observations seen); a
 QR factorisation is not differentiable there, so the parallel filter's derivatives are those
@@ -78,23 +84,16 @@ def _combine(earlier, later):
     T = lambda X: jnp.swapaxes(X, -1, -2)  # noqa: E731
     mv = lambda X, v: jnp.einsum("...ij,...j->...i", X, v)  # noqa: E731
     eye = jnp.broadcast_to(jnp.eye(d, dtype=Ai.dtype), Ai.shape)
-    X = step.tria(
-        jnp.concatenate(
-            [
-                jnp.concatenate([T(Ui) @ Zj, eye], -1),
-                jnp.concatenate([Zj, jnp.zeros_like(Zj)], -1),
-            ],
-            -2,
-        )
-    )
+    top = jnp.concatenate([T(Ui) @ Zj, eye], -1)
+    X = step.tria(jnp.concatenate([top, jnp.concatenate([Zj, jnp.zeros_like(Zj)], -1)], -2))
     Y, X21, X22 = X[..., :d, :d], X[..., d:, :d], X[..., d:, d:]
     UY = T(solve_triangular(Y, T(Ui), lower=True))  # U_i Y^{-T}
-    D = eye - UY @ T(X21)
-    AjD = Aj @ D
-    A = AjD @ Ai
-    b = mv(AjD, bi + mv(Ui, mv(T(Ui), etaj))) + bj
+    innov = etaj - mv(Zj, mv(T(Zj), bi))  # eta_j - J_j b_i
+    q = solve_triangular(Y, mv(T(Ui), innov)[..., None], lower=True)[..., 0]
+    A = Aj @ (Ai - UY @ (T(X21) @ Ai))  # A_j D A_i
+    b = mv(Aj, bi + mv(UY, q)) + bj
     U = step.tria(jnp.concatenate([Aj @ UY, Uj], -1))
-    eta = mv(T(Ai) @ T(D), etaj - mv(Zj, mv(T(Zj), bi))) + etai
+    eta = mv(T(Ai), innov - mv(X21, q)) + etai
     Z = step.tria(jnp.concatenate([T(Ai) @ X22, Zi], -1))
     return A, b, U, eta, Z
 
