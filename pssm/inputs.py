@@ -1,7 +1,9 @@
 """Model inputs shared by the families: modalities and their shapes, validation of ``(obs,
-actions, mask)`` into one form (:class:`Inputs`), Gaussian observation sites, and the latent
-observations ``w_t^(k), r_t^(k)`` of encoder-based models (precision-weighted fusion, RKN's
-partial observation ``H = [I_m, 0]``, their Kalman emissions).
+actions, mask)`` into one form (:class:`Inputs`), Gaussian observation sites (masked per step
+and modality, and per pixel where a program is given a ``pixel_mask``; or hidden altogether,
+:func:`without_reconstruction`), and the latent observations ``w_t^(k), r_t^(k)`` of
+encoder-based models (precision-weighted fusion, RKN's partial observation ``H = [I_m, 0]``,
+their Kalman emissions).
 
 Conventions of :mod:`pssm.core`: observations ``(B, T, *shape)`` (one array, or a dict of
 modalities whose key order is the mask order), actions ``(B, T, u)``, masks ``(B, T)`` or
@@ -9,6 +11,7 @@ modalities whose key order is the mask order), actions ``(B, T, u)``, masks ``(B
 One step's observations, as a belief step takes them, are :mod:`pssm.observations`'.
 """
 
+import functools
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from numpyro import handlers
 from numpyro.distributions import constraints
 
 from inference import kalman
@@ -29,13 +33,16 @@ __all__ = [
     "Shape",
     "event_shape",
     "fuse",
+    "entry_masks",
     "gaussian_observations",
+    "is_observation_site",
     "latent_emissions",
     "modalities",
     "observation_sites",
     "observed_size",
     "partial_observation",
     "prepare_inputs",
+    "without_reconstruction",
 ]
 
 
@@ -143,6 +150,36 @@ def observation_sites(obs_dims) -> dict[str, str]:
     return {"obs": "obs"}
 
 
+def entry_masks(x: Inputs, pixel_mask, sites: Mapping[str, str]) -> dict[str, jax.Array]:
+    """Per-entry likelihood masks ``{modality: (B, T, *shape)}`` (broadcastable, boolean) from a
+    program's ``pixel_mask`` argument: ``None`` (every entry counts), an array for a model of
+    one unnamed observation, or ``{modality: array}`` (modalities not named: every entry
+    counts). A modality's mask has the shape ``(B, T, *shape)`` of its observations or, for an
+    image ``(H, W, C)``, ``(B, T, H, W)``: one flag per pixel, the same for every channel."""
+    if pixel_mask is None:
+        return {}
+    single = list(sites.values()) == ["obs"]
+    if not isinstance(pixel_mask, Mapping):
+        if not single:
+            raise ValueError("this model has named modalities: give pixel_mask as {modality: mask}")
+        pixel_mask = {"obs": pixel_mask}
+    if bad := set(pixel_mask) - set(x.obs):
+        raise ValueError(
+            f"pixel_mask names {sorted(bad)}, the model's modalities are {list(x.obs)}"
+        )
+    out = {}
+    for k, m in pixel_mask.items():
+        shape, m_shape = jnp.shape(x.obs[k]), jnp.shape(m)
+        if m_shape == shape[:-1] and len(shape) == 5:  # (B, T, H, W): the same for each channel
+            m = m[..., None] if isinstance(m, jax.core.Tracer) else np.asarray(m)[..., None]
+        elif m_shape != shape:
+            raise ValueError(f"pixel_mask[{k!r}] has shape {m_shape}, expected {shape}"
+                             + (f" or {shape[:-1]}" if len(shape) == 5 else ""))  # fmt: skip
+        check_mask(f"pixel_mask[{k!r}]", m)
+        out[k] = jnp.asarray(m).astype(bool)
+    return out
+
+
 def gaussian_observations(
     x: Inputs,
     means: Mapping[str, jax.Array],
@@ -152,11 +189,20 @@ def gaussian_observations(
     obs_var: float = 1.0,
     learn_obs_var: bool = False,
     min_obs_var: float = 0.01,
+    pixel_mask=None,
 ) -> None:
     """Score ``o_t^(k) ~ N(means[k]_t, diag(sigma_k^2))`` for every modality, masked per
     modality and step (a masked entry contributes exactly 0), at the sites ``sites[k]`` inside
     the plate ``"batch"``. A learned ``sigma_k^2`` is the parameter ``"<prefix>_obs_var_<k>"``
-    (one per entry of the modality's trailing shape, e.g. per pixel and channel of an image)."""
+    (one per entry of the modality's trailing shape, e.g. per pixel and channel of an image).
+
+    ``pixel_mask`` (:func:`entry_masks`) masks single entries as well: the log-likelihood of a
+    step is ``sum_i pi_i log N(o_i; mu_i, sigma_i^2)`` over the entries ``i`` with the per-pixel
+    flags ``pi_i`` (broadcast over an image's channels): the masked reconstruction of VRKN's
+    occlusion tasks (Becker & Neumann 2022, Sec. 4.2: only non-occluded pixels contribute). A
+    masked entry's value enters neither the value nor the gradient (it is replaced by 0 before
+    scoring, so even NaN there is harmless)."""
+    entries = entry_masks(x, pixel_mask, sites)
     for k, (modality, o) in enumerate(x.obs.items()):
         var = jnp.full(o.shape[2:], obs_var, nets.default_param_dtype())
         if learn_obs_var:
@@ -164,9 +210,38 @@ def gaussian_observations(
                 f"{prefix}_obs_var_{modality}", var,
                 constraint=constraints.greater_than(min_obs_var),
             )  # fmt: skip
-        likelihood = dist.Normal(means[modality], jnp.sqrt(var)).to_event(o.ndim - 2)
+        likelihood = dist.Normal(means[modality], jnp.sqrt(var))
+        if modality in entries:
+            o = jnp.where(entries[modality], o, 0.0)
+            likelihood = likelihood.mask(entries[modality])
+        likelihood = likelihood.to_event(o.ndim - 2)
         with numpyro.plate("batch", o.shape[0]):
             numpyro.sample(sites[modality], likelihood.mask(x.mask[..., k]).to_event(1), obs=o)
+
+
+def is_observation_site(name: str) -> bool:
+    """Whether ``name`` is an observation site of the conventions of :mod:`pssm.core`
+    (``"obs"`` or ``"obs_<modality>"``; the reward site ``"reward"`` is not)."""
+    return name == "obs" or name.startswith("obs_")
+
+
+def without_reconstruction(model):
+    """The program ``model`` with its observation sites (:func:`is_observation_site`) hidden
+    from inference: every ELBO then scores the latent path (its KL) and the rewards, and no
+    observation (the reward-only baseline of Becker & Neumann 2022, Fig. 6: a model trained
+    without reconstruction). The encoders still read the observations, through the guide and
+    the model's own filter; the decoders receive no gradient. The returned program keeps the
+    model's attributes (``structure``, ``belief_step``, ...), so guides, ELBOs and acting use it
+    as they use ``model``."""
+    hidden = handlers.block(
+        model, hide_fn=lambda msg: msg["type"] == "sample" and is_observation_site(msg["name"])
+    )
+
+    @functools.wraps(model)
+    def program(*args, **kwargs):
+        return hidden(*args, **kwargs)
+
+    return program
 
 
 def fuse(w: jax.Array, R: jax.Array, mask: jax.Array) -> jax.Array:

@@ -182,7 +182,8 @@ def rssm(
         seed: initialisation of the network weights.
 
     Returns:
-        ``model(obs, actions=None, mask=None, rewards=None)`` carrying
+        ``model(obs, actions=None, mask=None, rewards=None, pixel_mask=None)`` (``pixel_mask``:
+        per-pixel likelihood masks, :func:`pssm.inputs.gaussian_observations`) carrying
 
         * ``model.deterministic()``: registers the deterministic path's parameter sites (the
           model's own: a guide calling it shares them) and returns the pure function
@@ -262,7 +263,7 @@ def rssm(
 
         return step
 
-    def model(obs, actions=None, mask=None, rewards=None):
+    def model(obs, actions=None, mask=None, rewards=None, pixel_mask=None):
         x = prepare_inputs(obs_dim, u, preprocess(obs), actions, mask)
         B, T = x.mask.shape[:2]
         prior_net = prior_fn()
@@ -296,7 +297,7 @@ def rssm(
         means = {k: nets.register(f"{name}_decoder_{k}", decoders[k])(features) for k in dims}
         gaussian_observations(
             x, means, sites, prefix=name, obs_var=obs_var, learn_obs_var=learn_obs_var,
-            min_obs_var=min_obs_var,
+            min_obs_var=min_obs_var, pixel_mask=pixel_mask,
         )  # fmt: skip
         if rewards is not None:
             score_rewards(rewards, features, nets.register(f"{name}_reward", reward_head))

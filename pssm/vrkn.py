@@ -228,9 +228,10 @@ def vrkn(
         seed: initialisation of the network weights.
 
     Returns:
-        ``model(obs, actions=None, mask=None, rewards=None)`` with latent sites ``"z_0"``,
-        ``"z"``, returning ``z`` ``(B, T, d)`` and carrying ``model.structure`` (for the Kalman
-        guides), ``model.filter(obs, actions=None, mask=None)`` (the filtered beliefs
+        ``model(obs, actions=None, mask=None, rewards=None, pixel_mask=None)`` (``pixel_mask``:
+        per-pixel likelihood masks, :func:`pssm.inputs.gaussian_observations`) with latent sites
+        ``"z_0"``, ``"z"``, returning ``z`` ``(B, T, d)`` and carrying ``model.structure`` (for
+        the Kalman guides), ``model.filter(obs, actions=None, mask=None)`` (the filtered beliefs
         ``(B, T, d)`` as a ``kalman.Gaussian``), ``model.networks()`` (registers every
         parameter site, returns :class:`Networks`), ``model.preprocess(obs)`` (images to
         floats), ``model.latent_dim``, ``model.feature_size`` (``d``), ``model.action_dim``,
@@ -395,13 +396,13 @@ def vrkn(
         return BeliefStep(init, condition, predict, pick, n.reward, decode)
 
     @linear_gaussian(structure)
-    def model(obs, actions=None, mask=None, rewards=None):
+    def model(obs, actions=None, mask=None, rewards=None, pixel_mask=None):
         x = inputs(obs, actions, mask)
         n = networks()
         s, _ = filtered_lgssm(x, n)
         z = sample_latent_path(*model_prior_conditionals(s))
         means = {k: n.decoders[k](z) for k in dims}
-        gaussian_observations(x, means, sites, prefix=name, obs_var=obs_var)
+        gaussian_observations(x, means, sites, prefix=name, obs_var=obs_var, pixel_mask=pixel_mask)
         if rewards is not None:
             if n.reward is None:
                 raise ValueError("this VRKN has no reward head: build it with reward=True")
