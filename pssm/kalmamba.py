@@ -263,17 +263,19 @@ def kalmamba(
         seed: initialisation of the network weights.
 
     Returns:
-        ``model(obs, actions=None, mask=None, rewards=None)`` with latent sites ``"z_0"``,
-        ``"z"`` and (with ``mc_dropout`` and ``dropout > 0``, under a ``seed`` handler) the
-        dropout site ``"<name>_dropout"``, carrying ``model.structure`` (for Kalman guides),
-        ``model.forward`` (:class:`Forward` of prepared inputs; draws the dropout site),
+        ``model(obs, actions=None, mask=None, rewards=None, pixel_mask=None)`` with latent sites
+        ``"z_0"``, ``"z"`` and (with ``mc_dropout`` and ``dropout > 0``, under a ``seed``
+        handler) the dropout site ``"<name>_dropout"``, carrying ``model.structure`` (for
+        Kalman guides), ``model.forward`` (:class:`Forward` of prepared inputs; draws the
+        dropout site),
         ``model.regulariser`` (``R`` per sequence, of one forward pass),
         ``model.networks()`` / ``model.reward()`` / ``model.decoders()`` (register parameters,
         return pure functions), ``model.prepare`` (checked :class:`Inputs`),
         ``model.preprocess`` (images to floats), ``model.belief_step(act_dropout=False)`` (the
         online filter, :class:`KalMambaBelief`), the sizes ``latent_dim``, ``action_dim``,
         ``obs_dims``, ``parallel``, ``feature_size``, ``observed_dim`` and ``mc_dropout``
-        (whether the program draws dropout masks).
+        (whether the program draws dropout masks). ``pixel_mask``: per-pixel likelihood masks
+        (:func:`pssm.inputs.gaussian_observations`).
     """
     dims = modalities(obs_dims)
     d, u, K = int(latent_dim), int(action_dim), len(dims)
@@ -408,7 +410,7 @@ def kalmamba(
         return mahalanobis(f.m, filt)
 
     @linear_gaussian(structure)
-    def model(obs, actions=None, mask=None, rewards=None):
+    def model(obs, actions=None, mask=None, rewards=None, pixel_mask=None):
         x = prepare(obs, actions, mask)
         if rewards is not None:  # fail before any work
             _require_reward()
@@ -418,7 +420,7 @@ def kalmamba(
         means = {k: fn(z) for k, fn in decoder_fns().items()}
         gaussian_observations(
             x, means, sites, prefix=name, obs_var=obs_var, learn_obs_var=learn_obs_var,
-            min_obs_var=min_obs_var,
+            min_obs_var=min_obs_var, pixel_mask=pixel_mask,
         )  # fmt: skip
         if rewards is not None:
             score_rewards(rewards, z, nets.register(f"{name}_reward", _require_reward()))
