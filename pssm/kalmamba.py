@@ -399,10 +399,10 @@ def kalmamba(
     def structure(obs, actions=None, mask=None, rewards=None) -> Structure:
         return forward(prepare(obs, actions, mask)).structure
 
-    def regulariser(obs, actions=None, mask=None, rewards=None, *, detach=True):
+    def regulariser(obs, actions=None, mask=None, rewards=None, pixel_mask=None, *, detach=True):
         """``R`` per sequence ``(B,)`` (Eq. 2) of one forward pass (which draws the dropout
         site, as ``structure`` does); ``detach`` stops its gradient into the filtered moments
-        (only ``m`` is pulled)."""
+        (only ``m`` is pulled). ``pixel_mask`` (the program's) does not enter ``R``."""
         f = forward(prepare(obs, actions, mask))
         filt = filtered(f.structure)
         if detach:
