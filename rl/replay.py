@@ -8,6 +8,9 @@ of an episode holds
     reward_t     the reward received for action_t
     mask_t       per-modality observation flags (shape () or (K,), bool)
     discount_t   0.0 if obs_t is terminal, else 1.0 (the env's ``info["discount"]``)
+    pixel_mask_t optional: per-pixel flags (H, W) of the image of obs_t, True where the scene
+                 is visible (the occlusion variant's ``info["pixel_mask"]``; stored as packed
+                 bits, ``H * ceil(W / 8)`` bytes a row, and returned as booleans)
 
 An episode of ``N`` actions therefore has ``N + 1`` rows; the last row carries the final
 observation with a zero action and zero reward (unscored by the world models). A runner adds::
@@ -16,9 +19,13 @@ observation with a zero action and zero reward (unscored by the world models). A
     while not ts.done:
         a = policy(ts.obs)
         nxt = env.step(a)
-        replay.add(ts.obs, a, nxt.reward, ts.mask, ts.info["discount"])
+        replay.add(ts.obs, a, nxt.reward, ts.mask, ts.info["discount"],
+                   pixel_mask=ts.info.get("pixel_mask"))
         ts = nxt
-    replay.add(ts.obs, np.zeros(u), 0.0, ts.mask, ts.info["discount"], last=True)
+    replay.add(ts.obs, np.zeros(u), 0.0, ts.mask, ts.info["discount"], last=True,
+               pixel_mask=ts.info.get("pixel_mask"))
+
+Either every row of a replay has a pixel mask or none has (the first row fixes the layout).
 
 Sampling (NumPy generator owned by the replay, its state saved with the data):
 
@@ -54,7 +61,8 @@ class Sequences(NamedTuple):
     """``B`` windows of ``T`` rows; every array has leading axes ``(B, T)``.
 
     ``episode`` ``(B,)`` holds the episodes' ids (counting every episode ever added, from 0)
-    and ``start`` ``(B,)`` the first row of each window.
+    and ``start`` ``(B,)`` the first row of each window; ``pixel_mask`` ``(B, T, H, W)`` bool
+    the stored per-pixel masks of the image (``None`` when the replay holds none).
     """
 
     obs: Any
@@ -64,13 +72,20 @@ class Sequences(NamedTuple):
     discounts: np.ndarray
     episode: np.ndarray
     start: np.ndarray
+    pixel_mask: np.ndarray | None = None
 
     def model_batch(self, dtype=None) -> dict:
         """``{"obs", "actions", "rewards", "mask"}``: the batch a world model trains on, with
         actions, rewards and non-image observations cast to ``dtype`` when given (JAX's default
-        float; ``uint8`` images stay as they are, the models map them)."""
+        float; ``uint8`` images stay as they are, the models map them); with stored pixel masks
+        also ``"pixel_mask"`` (the models' per-pixel likelihood masks,
+        :func:`pssm.inputs.gaussian_observations`: an array for image observations, else
+        ``{"image": mask}``)."""
         batch = {"obs": self.obs, "actions": self.actions, "rewards": self.rewards,
                  "mask": self.mask}  # fmt: skip
+        if self.pixel_mask is not None:
+            pm = self.pixel_mask
+            batch["pixel_mask"] = {"image": pm} if isinstance(self.obs, Mapping) else pm
         if dtype is None:
             return batch
         batch["actions"] = batch["actions"].astype(dtype)
@@ -136,6 +151,7 @@ class Replay:
         self.rng = np.random.default_rng(seed)
         self._spec: dict[str, tuple[tuple[int, ...], str]] | None = None
         self._obs_keys: list[str] | None = None  # None: array observations
+        self._pixel_width: int | None = None  # W of stored pixel masks (None: none stored)
         self._episodes: list[dict[str, np.ndarray]] = []
         self._ids: list[int] = []
         self._current: _Growing | None = None
@@ -168,7 +184,7 @@ class Replay:
         return self._unflatten(self._episodes[i])
 
     # ----------------------------------------------------------------------------- adding
-    def _row(self, obs, action, reward, mask, discount) -> dict[str, np.ndarray]:
+    def _row(self, obs, action, reward, mask, discount, pixel_mask) -> dict[str, np.ndarray]:
         row = _flatten_obs(obs)
         row["action"] = np.asarray(action, np.float32).reshape(-1)
         row["reward"] = np.asarray(reward, np.float32)
@@ -176,6 +192,15 @@ class Replay:
         if mask is None:
             mask = np.ones(() if not isinstance(obs, dict) else (len(obs),), bool)
         row["mask"] = np.asarray(mask, bool)
+        if pixel_mask is not None:
+            pm = np.asarray(pixel_mask)
+            image = obs.get("image") if isinstance(obs, dict) else row["obs"]
+            if image is None or pm.shape != np.shape(image)[:2] or np.ndim(image) != 3:
+                raise ValueError(f"pixel_mask has shape {pm.shape}: expected (H, W) of an "
+                                 "(H, W, C) image observation")  # fmt: skip
+            if pm.dtype != bool and not np.isin(pm, (0, 1)).all():
+                raise ValueError("pixel_mask must be boolean or 0/1")
+            row["pixel_mask"] = np.packbits(pm.astype(bool), axis=-1)
         spec = self._spec or {k: (v.shape, v.dtype.str) for k, v in row.items()}
         if set(row) != set(spec):
             raise ValueError(f"row has fields {sorted(row)}, the replay holds {sorted(spec)}")
@@ -192,14 +217,18 @@ class Replay:
         if self._spec is None:  # the first valid row fixes the layout
             self._spec = spec
             self._obs_keys = list(obs) if isinstance(obs, dict) else None
+            self._pixel_width = None if pixel_mask is None else np.shape(pixel_mask)[1]
         return row
 
-    def add(self, obs, action, reward, mask=None, discount=1.0, last: bool = False) -> None:
+    def add(
+        self, obs, action, reward, mask=None, discount=1.0, last: bool = False, pixel_mask=None
+    ) -> None:
         """Append row ``t`` of the ongoing episode; ``last=True`` completes the episode.
 
-        ``mask=None`` means every modality is observed.
+        ``mask=None`` means every modality is observed; ``pixel_mask`` ``(H, W)`` flags the
+        visible pixels of the image (module docstring).
         """
-        row = self._row(obs, action, reward, mask, discount)
+        row = self._row(obs, action, reward, mask, discount, pixel_mask)
         if self._current is None:
             self._current = _Growing(self._spec)
         self._current.append(row)
@@ -213,7 +242,9 @@ class Replay:
             self._current = None
         self._evict()
 
-    def add_episode(self, obs, actions, rewards, mask=None, discounts=None) -> None:
+    def add_episode(
+        self, obs, actions, rewards, mask=None, discounts=None, pixel_mask=None
+    ) -> None:
         """Append a whole completed episode of ``L`` rows (arrays with leading axis ``L``)."""
         if self._current is not None:
             raise ValueError("an episode is in progress: finish it with add(..., last=True)")
@@ -229,6 +260,7 @@ class Replay:
                 None if mask is None else mask[t],
                 1.0 if discounts is None else discounts[t],
                 last=t == L - 1,
+                pixel_mask=None if pixel_mask is None else pixel_mask[t],
             )
 
     def _evict(self) -> None:
@@ -257,13 +289,17 @@ class Replay:
             obs = flat["obs"]
         else:
             obs = {k: flat[f"obs{_SEP}{k}"] for k in self._obs_keys}
-        return {
+        out = {
             "obs": obs,
             "actions": flat["action"],
             "rewards": flat["reward"],
             "mask": flat["mask"],
             "discounts": flat["discount"],
         }
+        if "pixel_mask" in flat:
+            bits = np.unpackbits(flat["pixel_mask"], axis=-1, count=self._pixel_width)
+            out["pixel_mask"] = bits.astype(bool)
+        return out
 
     def _gather(self, sources, src, start, length: int | None = None) -> dict[str, Any]:
         """Rows ``start`` (``length=None``) or windows ``start:start+length`` of the sources."""
@@ -305,7 +341,7 @@ class Replay:
             raise ValueError("no stored episode holds a transition (two rows)")
         src, t = self._draw(counts, batch_size)
         now, nxt = (self._gather(sources, src, t + dt) for dt in (0, 1))
-        return Transitions(
+        return Transitions(  # pixel masks train world models, not SAC: not returned
             obs=now["obs"],
             actions=now["actions"],
             rewards=now["rewards"],
@@ -325,6 +361,7 @@ class Replay:
             if self._spec is None
             else {k: [list(s), d] for k, (s, d) in self._spec.items()},
             "obs_keys": self._obs_keys,
+            "pixel_width": self._pixel_width,
             "episode_lengths": [len(e["reward"]) for e in self._episodes],
             "episode_ids": self._ids,
             "ongoing_length": self.ongoing_length,
@@ -372,6 +409,7 @@ class Replay:
             replay._next_id = meta["next_episode_id"]
             replay.total_rows_added = meta["total_rows_added"]
             replay._obs_keys = meta["obs_keys"]
+            replay._pixel_width = meta.get("pixel_width")  # absent in files without masks
             if meta["spec"] is None:
                 return replay
             replay._spec = {k: (tuple(s), d) for k, (s, d) in meta["spec"].items()}

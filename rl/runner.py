@@ -104,20 +104,24 @@ def _scale(action: np.ndarray, env) -> np.ndarray:
 
 def play_episode(env, policy, *, replay: Replay | None = None, on_step=None) -> float:
     """Play one episode of ``policy(t, obs, mask, first) -> action in [-1, 1]``; store it in
-    ``replay`` (rows as :mod:`rl.replay` documents) and return the undiscounted return."""
+    ``replay`` (rows as :mod:`rl.replay` documents, with the per-pixel masks of an occluded
+    variant, ``info["pixel_mask"]``, which the world models' image likelihoods then use) and
+    return the undiscounted return."""
     ts = env.reset()
     total, t = 0.0, 0
     while not ts.done:
         a = np.asarray(policy(t, ts.obs, ts.mask, t == 0), np.float64)
         nxt = env.step(_scale(a, env))
         if replay is not None:
-            replay.add(ts.obs, a, nxt.reward, ts.mask, ts.info["discount"])
+            replay.add(ts.obs, a, nxt.reward, ts.mask, ts.info["discount"],
+                       pixel_mask=ts.info.get("pixel_mask"))  # fmt: skip
         total += nxt.reward
         ts, t = nxt, t + 1
         if on_step is not None:
             on_step(t, total)
     if replay is not None:
-        replay.add(ts.obs, np.zeros(env.action_dim), 0.0, ts.mask, ts.info["discount"], last=True)
+        replay.add(ts.obs, np.zeros(env.action_dim), 0.0, ts.mask, ts.info["discount"],
+                   last=True, pixel_mask=ts.info.get("pixel_mask"))  # fmt: skip
     return total
 
 

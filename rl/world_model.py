@@ -29,9 +29,13 @@ Data a world model trains on (``objective``'s batch, sequences from :mod:`rl.rep
 
 with ``actions[:, t]`` taken at ``obs[:, t]`` and ``rewards[:, t]`` received for it (scored
 against ``reward(features(z_{t+1}))``; the last step's reward has no successor and is not
-scored).
+scored), and, where the replay holds them (an occluded task), ``"pixel_mask"``: per-pixel
+likelihood masks ``(B, T, H, W)`` (or ``{"image": ...}``) that only the model's program reads
+(:func:`pssm.inputs.gaussian_observations`: occluded pixels contribute nothing to the
+reconstruction, VRKN Sec. 4.2); :func:`from_parts` hands its guide the batch without them.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -222,8 +226,20 @@ class ModelParts(NamedTuple):
     step_options: dict = {}
 
 
+def without_pixel_mask(guide):
+    """``guide`` called with a batch that may hold ``pixel_mask`` (read by the model only: a
+    guide's encoders see the whole, occluded image); keeps the guide's attributes."""
+
+    @functools.wraps(guide)
+    def wrapped(*args, pixel_mask=None, **kwargs):
+        return guide(*args, **kwargs)
+
+    return wrapped
+
+
 def from_parts(parts: ModelParts) -> WorldModel:
     """The world model of ``parts``: ``-ELBO`` of model and guide as the objective, acting by
-    the model's belief step (:func:`belief_world_model`)."""
-    objective = elbo_objective(parts.model, parts.guide, parts.elbo)
+    the model's belief step (:func:`belief_world_model`). The model takes the batch as it is,
+    per-pixel masks included; the guide without them (:func:`without_pixel_mask`)."""
+    objective = elbo_objective(parts.model, without_pixel_mask(parts.guide), parts.elbo)
     return belief_world_model(parts.model, objective, **parts.step_options)

@@ -235,3 +235,96 @@ def test_bad_rows_raise():
         Replay(capacity=0)
     with pytest.raises(ValueError, match="transition"):
         Replay(capacity=3).sample_transitions(1)
+
+
+def masked_episode(ep: int, length: int, rng, H: int = 3, W: int = 11) -> dict:
+    """An episode of images with per-pixel masks (as the occlusion variant gives them);
+    ``proprio`` encodes (episode, step) as in :func:`make_episode`."""
+    t = np.arange(length)
+    return {
+        "obs": {
+            "image": rng.integers(0, 256, (length, H, W, 3), dtype=np.uint8),
+            "proprio": np.stack([np.full(length, ep), t], 1).astype(np.float32),
+        },
+        "actions": rng.uniform(-1, 1, (length, 1)).astype(np.float32),
+        "rewards": rng.normal(size=length).astype(np.float32),
+        "mask": np.ones((length, 2), bool),
+        "pixel_mask": rng.random((length, H, W)) < 0.6,
+    }
+
+
+def fill_masked(replay: Replay, episodes: list[dict], last: bool = True) -> None:
+    for e in episodes:
+        L = len(e["rewards"])
+        for t in range(L):
+            obs_t = {k: v[t] for k, v in e["obs"].items()}
+            replay.add(obs_t, e["actions"][t], e["rewards"][t], e["mask"][t],
+                       last=last and t == L - 1, pixel_mask=e["pixel_mask"][t])  # fmt: skip
+
+
+def test_pixel_masks_are_stored_per_step_packed_and_sampled_with_their_windows():
+    rng = np.random.default_rng(7)
+    episodes = [masked_episode(i, L, rng) for i, L in enumerate([6, 9, 7])]
+    replay = Replay(capacity=1000, seed=3)
+    fill_masked(replay, episodes)
+    # packed bits: 3 rows of ceil(11 / 8) = 2 bytes per step (a bool per pixel would be 33)
+    stored = replay._episodes[1]["pixel_mask"]
+    assert stored.shape == (9, 3, 2) and stored.dtype == np.uint8
+    np.testing.assert_array_equal(replay.episode(1)["pixel_mask"], episodes[1]["pixel_mask"])
+    T = 4
+    batch = replay.sample_sequences(40, T)
+    assert batch.pixel_mask.shape == (40, T, 3, 11) and batch.pixel_mask.dtype == bool
+    for b in range(40):
+        ep, t0 = batch.obs["proprio"][b, 0].astype(int)
+        window = slice(t0, t0 + T)
+        np.testing.assert_array_equal(batch.pixel_mask[b], episodes[ep]["pixel_mask"][window])
+        np.testing.assert_array_equal(batch.obs["image"][b], episodes[ep]["obs"]["image"][window])
+    model_batch = batch.model_batch(np.float32)
+    assert set(model_batch) == {"obs", "actions", "rewards", "mask", "pixel_mask"}
+    assert set(model_batch["pixel_mask"]) == {"image"}  # the image modality's masks
+    np.testing.assert_array_equal(model_batch["pixel_mask"]["image"], batch.pixel_mask)
+    # an image-only replay hands the masks as one array
+    alone = Replay(capacity=100)
+    e = episodes[0]
+    alone.add_episode(e["obs"]["image"], e["actions"], e["rewards"], pixel_mask=e["pixel_mask"])
+    seqs = alone.sample_sequences(2, 6)
+    np.testing.assert_array_equal(seqs.model_batch()["pixel_mask"][0], e["pixel_mask"])
+    # without masks there is no such field
+    plain = Replay(capacity=100)
+    plain.add_episode(e["obs"]["image"], e["actions"], e["rewards"])
+    assert plain.sample_sequences(1, 6).pixel_mask is None
+    assert "pixel_mask" not in plain.sample_sequences(1, 6).model_batch()
+
+
+def test_pixel_masks_survive_save_and_load_with_the_ongoing_episode(tmp_path):
+    rng = np.random.default_rng(8)
+    episodes = [masked_episode(i, L, rng) for i, L in enumerate([8, 10, 9])]
+    replay = Replay(capacity=1000, seed=4)
+    fill_masked(replay, episodes[:2])
+    fill_masked(replay, episodes[2:], last=False)  # episode 2 still running
+    loaded = Replay.load(replay.save(tmp_path / "buffer"))
+    assert loaded.metadata() == replay.metadata() and loaded.metadata()["pixel_width"] == 11
+    first = replay.sample_sequences(12, 5, include_ongoing=True)
+    a = loaded.sample_sequences(12, 5, include_ongoing=True)  # the same draws
+    np.testing.assert_array_equal(a.pixel_mask, first.pixel_mask)
+    np.testing.assert_array_equal(a.episode, first.episode)
+    for b in range(12):
+        ep, t0 = a.obs["proprio"][b, 0].astype(int)
+        np.testing.assert_array_equal(a.pixel_mask[b], episodes[ep]["pixel_mask"][t0 : t0 + 5])
+    assert 2 in a.episode  # the ongoing episode's masks came back too
+
+
+def test_bad_pixel_masks_raise():
+    rng = np.random.default_rng(9)
+    e = masked_episode(0, 3, rng)
+    obs0 = {k: v[0] for k, v in e["obs"].items()}
+    replay = Replay(capacity=10)
+    with pytest.raises(ValueError, match=r"expected \(H, W\)"):
+        replay.add(obs0, [0.0], 0.0, pixel_mask=np.ones((3, 10), bool))
+    with pytest.raises(ValueError, match="0/1"):
+        replay.add(obs0, [0.0], 0.0, pixel_mask=np.full((3, 11), 0.5))
+    with pytest.raises(ValueError, match=r"expected \(H, W\)"):  # no image to mask
+        Replay(capacity=10).add(np.zeros(3, np.float32), [0.0], 0.0, pixel_mask=np.ones(3))
+    replay.add(obs0, [0.0], 0.0, pixel_mask=e["pixel_mask"][0])
+    with pytest.raises(ValueError, match="fields"):  # every row has a mask, or none
+        replay.add(obs0, [0.0], 0.0)
