@@ -201,7 +201,7 @@ def gaussian_observations(
     flags ``pi_i`` (broadcast over an image's channels): the masked reconstruction of VRKN's
     occlusion tasks (Becker & Neumann 2022, Sec. 4.2: only non-occluded pixels contribute). A
     masked entry's value enters neither the value nor the gradient (it is replaced by 0 before
-    scoring, so even NaN there is harmless)."""
+    scoring)."""
     entries = entry_masks(x, pixel_mask, sites)
     for k, (modality, o) in enumerate(x.obs.items()):
         var = jnp.full(o.shape[2:], obs_var, nets.default_param_dtype())
