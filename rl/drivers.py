@@ -118,11 +118,18 @@ def random_driver(action_dim: int) -> Driver:
 
 
 # ----------------------------------------------------------------------------- SAC (states)
-def sac_driver(settings: dict, obs_dim: int, action_dim: int) -> Driver:
-    from .agents.sac import SACConfig, sac
+def sac_config(settings: dict):
+    """The run's :class:`rl.agents.sac.SACConfig`: the preset's ``sac`` entry with two hidden
+    layers of ``hidden`` units (:mod:`rl.presets`)."""
+    h = int(settings["hidden"])
+    return settings["sac"]._replace(hidden=(h, h))
 
-    hidden, batch = int(settings["hidden"]), int(settings["batch_size"])
-    agent = sac(obs_dim, action_dim, config=SACConfig(hidden=(hidden, hidden)))
+
+def sac_driver(settings: dict, obs_dim: int, action_dim: int) -> Driver:
+    from .agents.sac import sac
+
+    batch = int(settings["batch_size"])
+    agent = sac(obs_dim, action_dim, config=sac_config(settings))
 
     def step(state, carry, key, obs, mask, first, prev, explore):
         return agent.act(state, key, obs, deterministic=not explore), carry
@@ -239,10 +246,9 @@ def model_driver(wm: WorldModel, agent, settings: dict, example_batch) -> Driver
 
 
 def _sac_belief(wm, s):
-    from .agents.sac import SACConfig, belief_agent
+    from .agents.sac import belief_agent
 
-    h = int(s["hidden"])
-    return belief_agent(wm, SACConfig(hidden=(h, h)), batch_size=int(s["batch_size"]),
+    return belief_agent(wm, sac_config(s), batch_size=int(s["batch_size"]),
                         sequences=int(s["model_batch"]))  # fmt: skip
 
 

@@ -7,17 +7,37 @@ name=value`` overrides (:attr:`rl.config.RunConfig.overrides`). ``planet.<field>
 / :class:`rl.agents.dreamer.DreamerConfig`. Who reads what: the world-model trainer
 (``model_lr``, ``model_batch``, ``seq_len``, ``model_pool``), the model registry
 (:mod:`rl.models`: ``latent``, ``model_hidden``, ``stoch``, ``deter``, ``conv_depth``,
-``d_model``, ``d_state``, ``mc_dropout``, ``features``, ``objective``: ``"default"`` or
-``"paper"``, the KalMamba paper's Table 2 training of RSSM, VRKN and KalMamba: KL balancing
-and free nats, :data:`rl.models.PAPER_OBJECTIVE`), the agents (``hidden``,
-``batch_size``, ``start_batch``, ``planet``, ``dreamer``).
+``d_model``, ``d_state``, ``mc_dropout``, ``features``, ``objective``: ``"paper"`` by default,
+the KalMamba paper's Table 2 training of RSSM, VRKN and KalMamba: KL balancing 0.8 / 0.5 / 0.5
+and free nats 3, :data:`rl.models.PAPER_OBJECTIVE`; ``"free-nats"``: free nats 3 without
+balancing, as the VRKN paper; ``"elbo"``: the plain ELBO), the agents
+(``hidden``: the width of SAC's two hidden layers, ``sac``: the rest of its
+:class:`rl.agents.sac.SACConfig`, ``batch_size``, ``start_batch``, ``planet``, ``dreamer``;
+``sac.<field>`` overrides work as ``planet.<field>``, except ``sac.hidden``: set ``hidden``).
+
+The GPU preset is the KalMamba paper's setting (Becker, Freymuth & Neumann 2024, App. D,
+Table 2 for the world models, Table 3 for SAC, the low-dimensional column); the RSSM's width and
+the Dreamer and PlaNet agents keep their own papers' values (Table 2: "for all other
+hyperparameters, we use the defaults from Hafner et al. (2020) and Becker & Neumann (2022)").
+The CPU preset keeps the same objective and SAC settings at sizes that train in minutes on two
+cores.
 """
+
+import jax
 
 from rl.agents.dreamer import DREAMER_CPU, DreamerConfig
 from rl.agents.planet import PLANET_CPU, PlanetConfig
+from rl.agents.sac import SACConfig
+
+#: KalMamba paper, Table 3 (low-dimensional DMC): ReLU, Adam 3e-4 for actor, critic and
+#: temperature, target update fraction 0.005 every step, target entropy -|A| (None), initial
+#: temperature 0.1, discount 0.99; the 2x256 widths are the ``hidden`` setting
+SAC_TABLE3 = SACConfig(activation=jax.nn.relu, actor_lr=3e-4, critic_lr=3e-4, alpha_lr=3e-4,
+                       tau=0.005, target_entropy=None, init_alpha=0.1, discount=0.99)  # fmt: skip
 
 _SHARED = {"hidden": 256, "model_pool": 4, "model_lr": 1e-3, "start_batch": 8,
-           "mc_dropout": True, "features": "mean", "objective": "default"}  # fmt: skip
+           "mc_dropout": True, "features": "mean", "objective": "paper",
+           "sac": SAC_TABLE3}  # fmt: skip
 
 PRESETS: dict[str, dict[str, dict]] = {
     # minutes on 2 CPU cores
@@ -40,33 +60,38 @@ PRESETS: dict[str, dict[str, dict]] = {
         "sac": {"batch_size": 256},
         "dreamer": {"model_lr": 6e-4},
     },
-    # the papers' sizes (PlaNet/Dreamer: RSSM 30/200/200; VRKN, KalMamba: latent 230, 300 units)
+    # the papers' settings: KalMamba paper, App. D, Tables 2 and 3 (module docstring)
     "gpu": {
         "*": {
             **_SHARED,
+            "hidden": 256,  # Table 3: actor and critics 2x256 (ReLU)
             "batch_size": 256,
+            "model_lr": 3e-4,  # Table 2: Adam 3e-4
             "model_batch": 50,
-            "seq_len": 50,
-            "latent": 230,
-            "model_hidden": 300,
+            "seq_len": 32,  # Sec. 4: sequences of length 32
+            "latent": 230,  # Table 2 (RSSM: 30 stochastic + 200 deterministic)
+            "model_hidden": 256,  # Table 2: encoder, decoder, reward 2x256 (ELU); VRKN's
+            # transition network and KalMamba's post-Mamba one (the VRKN dynamics model) too
             "stoch": 30,
             "deter": 200,
             "conv_depth": 32,
-            "d_model": 256,
+            "d_model": 256,  # Table 2: Mamba d_model 256, d_state 64
             "d_state": 64,
             "planet": PlanetConfig(),
             "dreamer": DreamerConfig(),
         },  # fmt: skip
-        "dreamer": {"model_lr": 6e-4},
-        "rssm": {"model_hidden": 200},
+        # Dreamer and PlaNet as VRKN trains them (model lr 6e-4 / 1e-3, sequences of 50)
+        "dreamer": {"model_lr": 6e-4, "seq_len": 50},
+        "planet": {"model_lr": 1e-3, "seq_len": 50},
+        "rssm": {"model_hidden": 200},  # PlaNet/Dreamer: 200 units
     },
 }
 
 #: settings whose value is one of a few names
-CHOICES = {"features": ("mean", "sample"), "objective": ("default", "paper")}
+CHOICES = {"features": ("mean", "sample"), "objective": ("paper", "free-nats", "elbo")}
 
 #: settings a run may override (``planet.<field>`` / ``dreamer.<field>`` besides)
-SETTINGS = tuple(sorted(k for k in PRESETS["cpu"]["*"] if k not in ("planet", "dreamer")))
+SETTINGS = tuple(sorted(k for k in PRESETS["cpu"]["*"] if k not in ("planet", "dreamer", "sac")))
 
 
 def check_overrides(overrides) -> None:
@@ -74,9 +99,11 @@ def check_overrides(overrides) -> None:
     base = PRESETS["cpu"]["*"]
     for name, value in overrides:
         prefix, _, field = name.partition(".")
+        if name == "sac.hidden":
+            raise ValueError("override sac.hidden: set hidden (the width of both layers)")
         if name not in SETTINGS and field not in getattr(base.get(prefix), "_fields", ()):
             raise ValueError(f"unknown override {name!r}; known: {SETTINGS} and planet.<field>, "
-                             "dreamer.<field>")  # fmt: skip
+                             "dreamer.<field>, sac.<field>")  # fmt: skip
         if name in CHOICES and value not in CHOICES[name]:
             raise ValueError(f"override {name}={value!r}: choose from {CHOICES[name]}")
 
