@@ -99,3 +99,69 @@ def test_bad_pixel_masks_raise():
         log_likelihood(means, obs, mask, {"depth": pixels})
     with pytest.raises(ValueError, match="named modalities"):
         log_likelihood(means, obs, mask, pixels)
+
+
+class Recording:
+    """An environment that keeps the ``info["pixel_mask"]`` of every time step it returns."""
+
+    def __init__(self, env):
+        self.env, self.masks = env, []
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def _keep(self, ts):
+        self.masks.append(ts.info["pixel_mask"].copy())
+        return ts
+
+    def reset(self):
+        return self._keep(self.env.reset())
+
+    def step(self, action, **kwargs):
+        return self._keep(self.env.step(action, **kwargs))
+
+
+def _world_model(family):
+    from rl.world_models.kalmamba import kalmamba_parts
+    from rl.world_models.rssm import rssm_parts
+    from rl.world_models.vrkn import vrkn_parts
+
+    image, u = (64, 64, 3), 1
+    if family == "rssm":
+        return rssm_parts(image, u, stoch=3, deter=5, hidden=8, conv_depth=2)
+    if family == "vrkn":
+        return vrkn_parts(image, u, latent_dim=4, hidden=8, mlp_hidden=(8,), conv_depth=2)
+    return kalmamba_parts(image, u, latent_dim=4, hidden=(8,), d_model=8, d_state=4,
+                          conv_depth=2)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["rssm", *(pytest.param(f, marks=pytest.mark.slow)
+                                     for f in ("vrkn", "kalmamba"))])  # fmt: skip
+def test_occluded_episodes_masks_reach_the_world_models_loss(family):
+    """Occlusion variant -> runner's episode -> replay -> batch -> loss: the pixel masks the
+    environment gave are the ones replay hands on, and each pixel's term enters the loss once,
+    added, where visible: ``L(M) + L(~M) = L(all) + L(none)``, ``L(all) = L(no mask)``."""
+    from rl import envs
+    from rl.replay import Replay
+    from rl.runner import play_episode, random_policy
+    from rl.world_model import from_parts
+
+    env = Recording(envs.make("cartpole-swingup", obs="pixels", seed=3, variant="occlusion"))
+    replay = Replay(capacity=1000, seed=0)
+    play_episode(env, random_policy(1, 0), replay=replay)
+    np.testing.assert_array_equal(replay.episode(0)["pixel_mask"], np.stack(env.masks))
+    batch = replay.sample_sequences(2, 3).model_batch(np.float32)
+    visible = batch.pop("pixel_mask")
+    assert 0.02 < 1 - visible.mean() < 0.9  # some pixels occluded, most not
+
+    objective = from_parts(_world_model(family)).objective
+    key = jax.random.key(0)
+    params, aux = objective.init(key, batch)
+    loss = jax.jit(lambda b: objective.loss(params, aux, key, b)[0])
+    none, every = loss(batch), loss({**batch, "pixel_mask": np.ones_like(visible)})
+    seen, hidden, blind = (loss({**batch, "pixel_mask": m})
+                           for m in (visible, ~visible, np.zeros_like(visible)))  # fmt: skip
+    scale = abs(float(none))
+    np.testing.assert_allclose(every, none, rtol=1e-6)
+    np.testing.assert_allclose(seen + hidden, every + blind, rtol=0, atol=1e-5 * scale)
+    assert abs(float(seen - none)) > 1.0 and abs(float(blind - none)) > 1.0
