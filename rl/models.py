@@ -17,6 +17,8 @@ reward head (:mod:`pssm.belief`) and its :class:`inference.training.Objective`.
 import importlib
 from collections.abc import Callable
 
+from pssm.inputs import without_reconstruction
+
 from .world_model import ModelParts, WorldModel, belief_world_model, from_parts
 
 #: ``(KL balance, free nats)`` per family under ``objective=paper``, the presets' default
@@ -146,11 +148,17 @@ def parts(
 ) -> ModelParts:
     """Model, guide and ELBO of the registry's ``name``, sized by ``settings`` (a run's settings,
     :func:`rl.presets.settings`); ``overrides`` are arguments of the family's builder in
-    :mod:`rl.world_models` (e.g. ``reward=False`` for a model that only trains, ``obs_var``)."""
+    :mod:`rl.world_models` (e.g. ``reward=False`` for a model that only trains, ``obs_var``).
+    With the setting ``reconstruction=False`` the model's observation sites are hidden from
+    the ELBO (:func:`pssm.inputs.without_reconstruction`: the reward-only baseline of Becker &
+    Neumann 2022, Fig. 6); the guide and the acting filter still read the observations."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     builder, kwargs = MODELS[name](settings)
-    return builder(obs_dims, int(action_dim), **{**kwargs, "seed": int(seed), **overrides})
+    made = builder(obs_dims, int(action_dim), **{**kwargs, "seed": int(seed), **overrides})
+    if not settings.get("reconstruction", True):  # the reward-only baseline (VRKN Fig. 6)
+        made = made._replace(model=without_reconstruction(made.model))
+    return made
 
 
 def build(name: str, obs_dims, action_dim: int, settings: dict, seed: int = 0) -> WorldModel:
@@ -161,6 +169,9 @@ def build(name: str, obs_dims, action_dim: int, settings: dict, seed: int = 0) -
         if int(action_dim) < 1:
             raise ValueError(f"a world model needs actions, got action_dim={action_dim}")
         return from_parts(parts(name, obs_dims, action_dim, settings, seed))
+    if not settings.get("reconstruction", True):
+        raise ValueError(f"reconstruction=false needs a registry model: {name} builds its own "
+                         "objective (use pssm.inputs.without_reconstruction there)")  # fmt: skip
     made = load_factory(name)(obs_dims, int(action_dim), seed=int(seed))
     if isinstance(made, WorldModel):
         return made

@@ -10,7 +10,9 @@ name=value`` overrides (:attr:`rl.config.RunConfig.overrides`). ``planet.<field>
 ``d_model``, ``d_state``, ``mc_dropout``, ``features``, ``objective``: ``"paper"`` by default,
 the KalMamba paper's Table 2 training of RSSM, VRKN and KalMamba: KL balancing 0.8 / 0.5 / 0.5
 and free nats 3, :data:`rl.models.PAPER_OBJECTIVE`; ``"free-nats"``: free nats 3 without
-balancing, as the VRKN paper; ``"elbo"``: the plain ELBO), the agents
+balancing, as the VRKN paper; ``"elbo"``: the plain ELBO; ``reconstruction``: ``false`` trains
+the reward-only baseline of the VRKN paper's Fig. 6, no reconstruction term,
+:func:`pssm.inputs.without_reconstruction`), the agents
 (``hidden``: the width of SAC's two hidden layers, ``sac``: the rest of its
 :class:`rl.agents.sac.SACConfig`, ``batch_size``, ``start_batch``, ``planet``, ``dreamer``;
 ``sac.<field>`` overrides work as ``planet.<field>``, except ``sac.hidden``: set ``hidden``).
@@ -37,7 +39,7 @@ SAC_TABLE3 = SACConfig(activation=jax.nn.relu, actor_lr=3e-4, critic_lr=3e-4, al
 
 _SHARED = {"hidden": 256, "model_pool": 4, "model_lr": 1e-3, "start_batch": 8,
            "mc_dropout": True, "features": "mean", "objective": "paper",
-           "sac": SAC_TABLE3}  # fmt: skip
+           "reconstruction": True, "sac": SAC_TABLE3}  # fmt: skip
 
 PRESETS: dict[str, dict[str, dict]] = {
     # minutes on 2 CPU cores
@@ -88,7 +90,8 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 #: settings whose value is one of a few names
-CHOICES = {"features": ("mean", "sample"), "objective": ("paper", "free-nats", "elbo")}
+CHOICES = {"features": ("mean", "sample"), "objective": ("paper", "free-nats", "elbo"),
+           "reconstruction": (True, False)}  # fmt: skip
 
 #: settings a run may override (``planet.<field>`` / ``dreamer.<field>`` besides)
 SETTINGS = tuple(sorted(k for k in PRESETS["cpu"]["*"] if k not in ("planet", "dreamer", "sac")))

@@ -165,3 +165,61 @@ def test_occluded_episodes_masks_reach_the_world_models_loss(family):
     np.testing.assert_allclose(every, none, rtol=1e-6)
     np.testing.assert_allclose(seen + hidden, every + blind, rtol=0, atol=1e-5 * scale)
     assert abs(float(seen - none)) > 1.0 and abs(float(blind - none)) > 1.0
+
+
+def _settings(**changes):
+    from rl.presets import PRESETS
+
+    small = dict(latent=4, model_hidden=8, stoch=3, deter=5, d_model=8, d_state=4)
+    return {**PRESETS["cpu"]["*"], **small, **changes}
+
+
+@pytest.mark.parametrize("family", ["rssm", pytest.param("vrkn", marks=pytest.mark.slow)])
+def test_reward_only_model_scores_latents_and_rewards_but_no_observation(family):
+    """``reconstruction=false`` (the reward-only baseline of VRKN's Fig. 6): its loss is the
+    full model's with every observation entry masked out, so the observations' values reach
+    it only through the guide; the decoder gets no gradient; the rewards still count."""
+    from rl import models
+    from rl.world_model import from_parts
+
+    rng = np.random.default_rng(0)
+    B, T, p = 2, 4, 3
+    batch = {"obs": rng.normal(size=(B, T, p)).astype(np.float32),
+             "actions": rng.uniform(-1, 1, (B, T, 1)).astype(np.float32),
+             "rewards": rng.normal(size=(B, T)).astype(np.float32),
+             "mask": np.ones((B, T), bool)}  # fmt: skip
+    reward_only = models.parts(family, p, 1, _settings(reconstruction=False))
+    full = models.parts(family, p, 1, _settings())
+    with handlers.seed(rng_seed=0), handlers.trace() as tr:
+        reward_only.model(**batch)
+    assert "obs" not in tr and "reward" in tr  # the observation site is hidden
+    key = jax.random.key(1)
+    obj_ro, obj_full = from_parts(reward_only).objective, from_parts(full).objective
+    params, aux = jax.jit(obj_ro.init)(key, batch)
+    shapes = jax.eval_shape(obj_full.init, key, batch)[0]  # (also readies obj_full.constrain)
+    assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, params)  # same networks
+
+    def value_and_grad(objective):
+        return jax.jit(jax.value_and_grad(lambda prm, b: objective.loss(prm, aux, key, b)[0]))
+
+    vg_ro, vg_full = value_and_grad(obj_ro), value_and_grad(obj_full)
+    value, grads = vg_ro(params, batch)
+    every_seen = {**batch, "pixel_mask": np.ones((B, T, p), bool)}
+    value_full, grads_full = vg_full(params, every_seen)
+    none_seen = {**batch, "pixel_mask": np.zeros((B, T, p), bool)}
+    np.testing.assert_allclose(value, vg_full(params, none_seen)[0], rtol=1e-6)
+    assert abs(float(value_full - value)) > 1.0
+    # no gradient reaches the decoder (the full model's does); the rewards still count
+    decoder = [k for k in grads if "decoder" in k]
+    assert decoder and not any(jnp.any(g) for k in decoder for g in jax.tree.leaves(grads[k]))
+    assert all(any(jnp.any(g) for g in jax.tree.leaves(grads_full[k])) for k in decoder)
+    shifted = {**batch, "rewards": batch["rewards"] + 1.0}
+    assert abs(float(vg_ro(params, shifted)[0] - value)) > 1e-3
+
+
+def test_reconstruction_is_a_checked_setting():
+    from rl.presets import check_overrides
+
+    check_overrides([("reconstruction", False)])
+    with pytest.raises(ValueError, match="reconstruction"):
+        check_overrides([("reconstruction", "none")])
