@@ -11,7 +11,9 @@ From Becker & Neumann (2022, VRKN, Sec. 4.2-4.3) and Becker et al. (2024, KalMam
   KalMamba's noisy state tasks use ``sigma = 0.3`` for both noises (preset ``"noisy"``).
 - **occlusions** (:class:`Occluded`): slow-moving opaque discs drawn over the image, bouncing
   off its borders, re-drawn at each reset; ``info["pixel_mask"]`` ``(H, W)`` bool is ``True``
-  where the scene is visible (for masked reconstruction losses) and ``info["clean_image"]`` is
+  where the scene is visible (the runner keeps it in replay with each step and the world
+  models' image likelihoods score only those pixels, VRKN Sec. 4.2; :mod:`rl.replay`,
+  :func:`pssm.inputs.gaussian_observations`) and ``info["clean_image"]`` is
   the image before occlusion (ground truth for evaluation only). VRKN replays pre-recorded
   disc videos that are not public; the disc count, sizes and speeds of :class:`Occlusion` are
   this project's choice.
