@@ -234,15 +234,21 @@ def canonicalize(
     return alg, Canonical(Gaussian(m0, P0), Dynamics(A, b, Q), w, R, mask, H)
 
 
+def expand_dynamics(c: Canonical) -> Dynamics:
+    """``(A, b, Q)`` with a time axis each (``T - 1``), ``b`` explicit."""
+    (m0, P0), (A, b, Q) = c.prior, c.dynamics
+    T, d = c.w.shape[0], m0.shape[0]
+    A, Q = (_time_varying(n, x, P0.shape, T - 1) for n, x in (("A", A), ("Q", Q)))
+    b = jnp.zeros((T - 1, d), m0.dtype) if b is None else _time_varying("b", b, (d,), T - 1)
+    return Dynamics(A, b, Q)
+
+
 def expand(alg: Algebra, c: Canonical) -> Canonical:
     """Every parameter time-varying, ``b`` and ``mask`` explicit, masked entries neutral (the
     parallel elements' form): diagonal ``w`` zero and ``R`` one where masked; dense ``H`` and
     ``w`` rows zero and ``R`` a unit row and column where masked."""
-    (m0, P0), (A, b, Q) = c.prior, c.dynamics
+    m0 = c.prior.mean
     T, d, dtype = c.w.shape[0], m0.shape[0], m0.dtype
-    cov = P0.shape
-    A, Q = (_time_varying(n, x, cov, T - 1) for n, x in (("A", A), ("Q", Q)))
-    b = jnp.zeros((T - 1, d), dtype) if b is None else _time_varying("b", b, (d,), T - 1)
     mask = jnp.ones(c.w.shape, dtype) if c.mask is None else jnp.broadcast_to(c.mask, c.w.shape)
     obs = mask > 0
     if alg.diagonal:
@@ -257,7 +263,7 @@ def expand(alg: Algebra, c: Canonical) -> Canonical:
         R = jnp.where(pair, R, 0.0) + jnp.where(obs, 0.0, 1.0)[..., None] * jnp.eye(p, dtype=dtype)
         H = jnp.where(obs[..., None], H, 0.0)
         w = jnp.where(obs, c.w, 0.0)
-    return Canonical(c.prior, Dynamics(A, b, Q), w, R, mask, H)
+    return Canonical(c.prior, expand_dynamics(c), w, R, mask, H)
 
 
 def stack_sensors(sensors: list[Emissions]) -> Emissions:

@@ -37,37 +37,49 @@ from jax import Array
 from . import _scan, step
 from ._algebra import Algebra
 from ._types import Dynamics, Emissions, FilterResult, Gaussian, LinearGaussian
-from ._validate import Canonical, canonicalize, expand
+from ._validate import Canonical, canonicalize, expand, expand_dynamics
 
 
 def observation_information(alg: Algebra, c: Canonical) -> tuple[Array, Array]:
-    """Per-step ``(h_t^obs, J_t^obs)``: the observations' information about ``z_t``."""
+    """``(h_t^obs, J_t^obs)``: the observations' information about ``z_t``, ``h`` per step
+    (leading axis ``T``); ``J`` per step too, or once (no time axis) for static ``R`` and ``H``
+    without a mask (then ``R`` is factorised once). A mask needs the :func:`expand` ed form."""
     if alg.diagonal:
-        prec = c.mask / c.R  # (T, K, d)
-        return jnp.sum(prec * c.w, axis=1), jnp.sum(prec, axis=1)
+        prec = (1.0 if c.mask is None else c.mask) / c.R  # (K, d) or (T, K, d)
+        return jnp.sum(prec * c.w, axis=1), jnp.sum(prec, axis=-2)
     chol = jnp.linalg.cholesky(c.R)  # masked rows carry a unit diagonal and zero H, w
-    Lw = jax.scipy.linalg.solve_triangular(chol, c.w[..., None], lower=True)
-    LH = jax.scipy.linalg.solve_triangular(chol, c.H, lower=True)
+    H = jnp.eye(c.w.shape[1], dtype=c.w.dtype) if c.H is None else c.H
+    if c.R.ndim == 2:  # static: all steps' w as columns of one solve
+        Lw = jax.scipy.linalg.solve_triangular(chol, c.w.T, lower=True).T[..., None]
+    else:
+        Lw = jax.scipy.linalg.solve_triangular(chol, c.w[..., None], lower=True)
+    LH = jax.scipy.linalg.solve_triangular(chol, H, lower=True)
     HT = jnp.swapaxes(LH, -1, -2)
     return (HT @ Lw)[..., 0], HT @ LH
 
 
 def filter_element(alg: Algebra, F, u, Q, h, J):
-    """The element ``(A, b, C, eta, J)`` of one step (see the module docstring)."""
-    A = alg.solve_ipm(Q, J, F)
-    b = alg.solve_ipm(Q, J, u + alg.mv(Q, h))
-    C = alg.sym(alg.solve_ipm(Q, J, Q))
-    eta = alg.mv(alg.T(F), alg.solve_ipm(J, Q, h - alg.mv(J, u)))
-    J_el = alg.sym(alg.mm(alg.T(F), alg.solve_ipm(J, Q, alg.mm(J, F))))
-    return A, b, C, eta, J_el
+    """The element ``(A, b, C, eta, J)`` of one step (see the module docstring): one
+    factorisation of ``D = I + Q J^obs`` serves both inverses (``I + J^obs Q = D^T``). The
+    data-dependent right-hand sides are solved apart from the others, so that under ``vmap``
+    over sequences that share parameters only they are batched."""
+    solve, solve_T = alg.ipm(Q, J)
+    A, C = solve(F, Q)
+    (b,) = solve(u + alg.mv(Q, h))
+    (JF,) = solve_T(alg.mm(J, F))
+    (r,) = solve_T(h - alg.mv(J, u))
+    return A, b, alg.sym(C), alg.mv(alg.T(F), r), alg.sym(alg.mm(alg.T(F), JF))
 
 
 def filter_combine(alg: Algebra, earlier, later):
-    """Associative combination of two filtering elements (Särkkä & García-Fernández, Lemma 8)."""
+    """Associative combination of two filtering elements (Särkkä & García-Fernández, Lemma 8);
+    one factorisation of ``M = I + C_i J_j`` serves both inverses (``I + J_j C_i = M^T``)."""
     Ai, bi, Ci, etai, Ji = earlier
     Aj, bj, Cj, etaj, Jj = later
-    G = alg.T(alg.solve_ipm(Jj, Ci, alg.T(Aj)))  # A_j (I + C_i J_j)^{-1}
-    K = alg.T(alg.solve_ipm(Ci, Jj, Ai))  # A_i^T (I + J_j C_i)^{-1}
+    solve, solve_T = alg.ipm(Ci, Jj)
+    (GT,) = solve_T(alg.T(Aj))  # (A_j (I + C_i J_j)^{-1})^T
+    (KT,) = solve(Ai)  # (A_i^T (I + J_j C_i)^{-1})^T
+    G, K = alg.T(GT), alg.T(KT)
     A = alg.mm(G, Ai)
     b = alg.mv(G, bi + alg.mv(Ci, etaj)) + bj
     C = alg.sym(alg.mm(alg.mm(G, Ci), alg.T(Aj)) + Cj)
@@ -91,12 +103,16 @@ def _observations(alg: Algebra, c: Canonical):
 
 
 def _elements(alg: Algebra, c: Canonical):
+    """The filtering elements of all steps (leading axis ``T``); a mask is expanded first."""
+    if c.mask is not None:
+        c = expand(alg, c)
     h, J = observation_information(alg, c)
-    (m0, P0), (A, b, Q) = c.prior, c.dynamics
+    (m0, P0), (A, b, Q) = c.prior, expand_dynamics(c)
     F = jnp.concatenate([jnp.zeros_like(P0)[None], A])
     u = jnp.concatenate([m0[None], b])
     Qs = jnp.concatenate([P0[None], Q])
-    return jax.vmap(partial(filter_element, alg))(F, u, Qs, h, J)
+    J_axis = 0 if J.ndim == P0.ndim + 1 else None
+    return jax.vmap(partial(filter_element, alg), in_axes=(0, 0, 0, 0, J_axis))(F, u, Qs, h, J)
 
 
 def _sequential_filter(alg: Algebra, c: Canonical, unroll: int) -> FilterResult:
@@ -129,7 +145,6 @@ def run_filter(alg: Algebra, c: Canonical, *, parallel: bool, unroll: int) -> Fi
     """Filter a canonical model (shared by :func:`filter` and the smoother)."""
     if not parallel:
         return _sequential_filter(alg, c, unroll)
-    c = expand(alg, c)
     (m0, P0) = c.prior
     elems = _elements(alg, c)
     mean, cov = _scan.scan(
@@ -141,11 +156,14 @@ def run_filter(alg: Algebra, c: Canonical, *, parallel: bool, unroll: int) -> Fi
         rebuild=lambda f, like: (jnp.zeros_like(like[0]), *f, *map(jnp.zeros_like, like[3:])),
     )
     filtered = Gaussian(mean, cov)
-    pred = jax.vmap(step.predict)(Gaussian(mean[:-1], cov[:-1]), c.dynamics)
+    axes = tuple(0 if v else None for v in dynamics_per_step(alg, c.dynamics))
+    predict = lambda m, P, A, b, Q: step.predict(Gaussian(m, P), Dynamics(A, b, Q))  # noqa: E731
+    pred = jax.vmap(predict, in_axes=(0, 0, *axes))(mean[:-1], cov[:-1], *c.dynamics)
     predicted = Gaussian(
         jnp.concatenate([m0[None], pred.mean]), jnp.concatenate([P0[None], pred.cov])
     )
-    lls = jax.vmap(lambda *a: step.condition(*a)[1])(predicted, c.w, c.R, c.mask, c.H)
+    obs, at = _observations(alg, c)  # static ones are None in obs: not mapped
+    lls = jax.vmap(lambda p, o: step.condition(p, *at(o))[1])(predicted, obs)
     return FilterResult(predicted, filtered, lls, jnp.sum(lls))
 
 
@@ -190,5 +208,5 @@ def one_step_conditionals(
         ``(q(z_0 | o_0), LinearGaussian)`` with leading axis ``T - 1`` for ``t = 1..T-1``.
     """
     alg, c = canonicalize(prior, dynamics, emissions)
-    A, b, C, _, _ = _elements(alg, expand(alg, c))
+    A, b, C, _, _ = _elements(alg, c)
     return Gaussian(b[0], C[0]), LinearGaussian(A[1:], b[1:], C[1:])
