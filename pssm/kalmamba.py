@@ -9,7 +9,7 @@ actions ``a_t``:
     encoders     w_t^(k), r_t^(k) = enc_k(o_t^(k))                    latent observation, variance
     fused        wbar_t = sum_k m_t^k w_t^(k) / r_t^(k) / sum_k m_t^k / r_t^(k)    (0 if none)
     backbone     m_t = W Mamba(pre([wbar_t, a_{t-1}, m_t^{1..K}]))    a_{-1} = 0   (App. C, Fig. 4)
-    dynamics     A_t, b_t, Q_t = dyn([m_t, a_t])                      A_t in [0.1, 0.99] (0.9 at 0),
+    dynamics     A_t, b_t, Q_t = dyn(m_t, a_t)                        A_t in [0.1, 0.99] (0.9 at 0),
                                                                       Q_t in [1e-3, 0.1] (0.01 at 0)
     prior        z_0 ~ N(0, diag(P_0)),  z_{t+1} ~ N(A_t * z_t + b_t, diag(Q_t))   (Eq. 1)
     likelihood   o_t^(k) ~ N(dec_k(z_t), sigma_k^2)     unless masked (m_t^k = 0)
@@ -28,16 +28,25 @@ objective (Sec. 2) is the VRKN smoothing bound (``inference.guides.kalman_smooth
 ``TraceMeanField_ELBO``) plus the reward term minus ``alpha R``:
 :class:`inference.objectives.KalMambaELBO` (training lives in :mod:`inference`).
 
-The small networks before and after the Mamba (``pre`` and ``dyn``, SiLU; :class:`pssm.nets.MLP`
-with ``dropout``) carry Monte-Carlo dropout (Gal & Ghahramani 2016; :class:`pssm.layers.MCDropout`),
-with the convention of :mod:`pssm.vrkn` and :mod:`pssm.rssm`: the masks are a latent site
-``"<name>_dropout"`` ``(B, T, n_pre + n_dyn)`` ~ ``U(0, 1)`` (keep where ``u >= rate``; per step
-the ``pre`` layers' noise, then the ``dyn`` layers'; the last step's ``dyn`` part drives no
-transition and is unused), drawn in the forward pass (so in ``structure``): the Kalman guide
-(which calls ``structure``) draws it and the model replays the guide's draw, so both see the
-*same* dynamics in one ELBO evaluation, and the site adds exactly 0 to the ELBO (``q = p``).
-Under ``Predictive`` without a guide the masks are fresh draws. The site is drawn only under a
-``seed`` handler and with ``mc_dropout``; otherwise the networks run without dropout.
+The network after the Mamba, ``dyn``, is VRKN's dynamics model (:class:`pssm.nets.VRKNTransition`,
+the very network :mod:`pssm.vrkn` uses; KalMamba paper, Table 2: "post mamba layers: VRKN
+dynamics model ... with SiLU"), its GRU's hidden state ``m_t`` where VRKN's is the filtered mean:
+
+    x = drop(silu(W_1 [m_t, a_t] + c_1)),  g = drop(GRU(h=m_t, x)),  y = drop(silu(W_2 g + c_2)),
+    (A~, Q~, b_t) = W_3 y + c_3,   A_t = sigmoid-bounded(A~),   Q_t = sigmoid-bounded(Q~)
+
+(``W_3, c_3`` start at zero: ``A = 0.9, b = 0, Q = 0.01`` at initialisation, as VRKN). It and
+the network before the Mamba (``pre``, SiLU, :class:`pssm.nets.MLP` with ``dropout``) carry
+Monte-Carlo dropout (Gal & Ghahramani 2016; :class:`pssm.layers.MCDropout`), with the convention
+of :mod:`pssm.vrkn` and :mod:`pssm.rssm`: the masks are a latent site ``"<name>_dropout"``
+``(B, T, n_pre + n_dyn)`` ~ ``U(0, 1)`` (keep where ``u >= rate``; per step the ``pre`` layers'
+noise, then the ``dyn`` layers', ``n_dyn = 2 dynamics_hidden + d``; the last step's ``dyn``
+part drives no transition and is unused), drawn in the forward pass (so in ``structure``): the
+Kalman guide (which calls ``structure``) draws it and the model replays the guide's draw, so
+both see the *same* dynamics in one ELBO evaluation, and the site adds exactly 0 to the ELBO
+(``q = p``). Under ``Predictive`` without a guide the masks are fresh draws. The site is drawn
+only under a ``seed`` handler and with ``mc_dropout``; otherwise the networks run without
+dropout.
 The Mamba (:mod:`pssm.mamba`) and the Kalman filter and smoother all run as associative scans,
 so the whole forward pass is time-parallel (``parallel=True``; ``False`` runs ``lax.scan`` with
 the same numbers).
@@ -45,7 +54,7 @@ the same numbers).
 Acting (``model.belief_step()``, :mod:`pssm.belief`): the belief is :class:`KalMambaBelief`,
 the Gaussian over ``z_t`` plus the Mamba's recurrence around step ``t``. ``condition`` is
 :func:`inference.kalman.update` on the encoders' ``w_t, r_t`` and one backbone step on
-``[wbar_t, a_{t-1}, m_t^{1..K}]``; ``predict`` is ``dyn([m_t, a_t])`` and
+``[wbar_t, a_{t-1}, m_t^{1..K}]``; ``predict`` is ``dyn(m_t, a_t)`` and
 :func:`inference.kalman.predict`, then a tentative backbone step fed the predicted mean (see
 :class:`KalMambaBelief`); ``filter`` is the program's time-parallel forward pass and
 :func:`inference.kalman.filter`. Encoders, ``fuse``, :func:`backbone_inputs`, the dynamics
@@ -126,24 +135,6 @@ class Backbone(nnx.Module):
         return self.out(y), state
 
 
-class Dynamics(nnx.Module):
-    """``[m_t, a_t] -> (A_t, b_t, Q_t)``: an MC-dropout MLP (SiLU), then VRKN's heads as in
-    :class:`pssm.nets.DiagonalTransition`: ``A`` and ``Q`` squashed by
-    :class:`pssm.nets.Bounded`, ``b`` linear."""
-
-    def __init__(self, in_features, latent_dim, widths, *, rate, A_bounds, Q_bounds, rngs):
-        dtype = nets.default_param_dtype()
-        self.trunk = _dropout_mlp(in_features, widths, rate=rate, param_dtype=dtype, rngs=rngs)
-        n = self.trunk.out_features
-        self.A = nets.Bounded(n, latent_dim, *A_bounds, rngs=rngs)
-        self.b = nnx.Linear(n, latent_dim, param_dtype=dtype, rngs=rngs)
-        self.Q = nets.Bounded(n, latent_dim, *Q_bounds, rngs=rngs)
-
-    def __call__(self, x, key=None, noise=None):
-        h = self.trunk(x, key, noise=noise)
-        return self.A(h), self.b(h), self.Q(h)
-
-
 class Forward(NamedTuple):
     """One pass of the inference side: the latent LGSSM, the backbone outputs ``m`` ``(B, T, d)``
     and the Mamba states (after the last step, or after every step)."""
@@ -211,6 +202,7 @@ def kalmamba(
     action_dim: int = 0,
     hidden: int | Sequence[int] = (256, 256),
     *,
+    dynamics_hidden: int | None = None,
     d_model: int = 256,
     pre_layers: int = 2,
     num_blocks: int = 2,
@@ -243,7 +235,9 @@ def kalmamba(
             (:func:`pssm.layers.preprocess_image`; 5 as VRKN), float ones taken as mapped.
         latent_dim: ``d``, the size of ``z_t``, ``w_t`` and ``m_t``.
         action_dim: ``u`` (``0``: no actions).
-        hidden: widths of the encoders', decoders', reward head's and dynamics' hidden layers.
+        hidden: widths of the encoders', decoders' and reward head's hidden layers.
+        dynamics_hidden: width of the post-Mamba VRKN dynamics model (``None``: ``hidden``'s
+            first width).
         d_model, pre_layers: the backbone's width and its number of SiLU layers before the Mamba.
         num_blocks, d_state, d_conv, expand: the Mamba stack (:class:`pssm.mamba.Mamba`).
         dropout: MC-dropout rate of the pre- and post-Mamba networks.
@@ -297,9 +291,10 @@ def kalmamba(
     backbone = Backbone(
         d + u + K, d, d_model=d_model, pre_layers=pre_layers, rate=dropout, rngs=rngs, **mamba_kw
     )
-    dynamics = Dynamics(
-        d + u, d, widths, rate=dropout, A_bounds=A_bounds, Q_bounds=Q_bounds, rngs=rngs
-    )
+    dynamics = nets.VRKNTransition(
+        d, u, widths[0] if dynamics_hidden is None else int(dynamics_hidden), rate=dropout,
+        A_bounds=A_bounds, Q_bounds=Q_bounds, activation=nnx.silu, rngs=rngs,
+    )  # fmt: skip
     decoders = {
         k: ConvDecoder(d, s, **conv) if image[k] else nets.MLP(d, widths, s, rngs=rngs)
         for k, s in dims.items()
@@ -334,11 +329,11 @@ def kalmamba(
         return jnp.stack(w, axis=-2), jnp.stack(R, axis=-2)
 
     def transition(n: Networks, m: jax.Array, action, key=None, noise=None) -> kalman.Dynamics:
-        """``A_t, b_t, Q_t = dyn([m_t, a_t])`` (``[m_t]`` without actions)."""
-        x = m if not u else jnp.concatenate([m, action.astype(m.dtype)], -1)
-        return kalman.Dynamics(*n.dynamics(x, key, noise))
+        """``A_t, b_t, Q_t = dyn(m_t, a_t)`` (no ``a_t`` without actions)."""
+        a = action.astype(m.dtype) if u else jnp.zeros((*m.shape[:-1], 0), m.dtype)
+        return kalman.Dynamics(*n.dynamics(m, a, key, noise))
 
-    n_pre, n_dyn = backbone.pre.noise_size, dynamics.trunk.noise_size
+    n_pre, n_dyn = backbone.pre.noise_size, dynamics.noise_size
     draw_masks = bool(mc_dropout) and dropout > 0.0
 
     def dropout_noise(B: int, T: int):
@@ -449,7 +444,7 @@ def kalmamba(
             condition(o_t)  N(mean, cov) <- kalman.update with w_t^(k), r_t^(k) = enc_k(o_t^(k))
                             (information form, masked sensors skipped); (m_t, mamba) = one
                             backbone step from ``base`` on [wbar_t, a_{t-1}, mask_t]
-            predict(a_t)    A_t, b_t, Q_t = dyn([m_t, a_t]); N(mean, cov) <- kalman.predict
+            predict(a_t)    A_t, b_t, Q_t = dyn(m_t, a_t); N(mean, cov) <- kalman.predict
                             (no sampling); one backbone step from ``mamba`` on
                             [mean_{t+1}, a_t, 1] (the tentative step of :class:`KalMambaBelief`)
             filter          the time-parallel forward pass and kalman.filter at once

@@ -16,7 +16,8 @@ that register the same module under the same name share one parameter.
   transition entries ``A_t in [0.1, 0.99]`` (``0.9`` at zero input) and transition variances
   ``Q_t in [0.001, 0.1]`` (``0.01`` at zero), keeping the latent dynamics stable
   (Becker & Neumann 2022, "On Uncertainty in Deep State Space Models for Model-Based RL", Sec. 3.2);
-  :class:`DiagonalTransition` emits ``(A_t, b_t, Q_t)`` that way.
+  :class:`DiagonalTransition` emits ``(A_t, b_t, Q_t)`` that way, and :class:`VRKNTransition`
+  (VRKN's GRU-gated dynamics model, also KalMamba's post-Mamba network).
 * :class:`GRU`: ``(h, x) -> h'``, the gated recurrent unit of Cho et al. (2014) on
   ``flax.nnx.GRUCell``, as used by the RSSM's deterministic path (Hafner et al. 2019, PlaNet).
 """
@@ -317,3 +318,68 @@ class DiagonalTransition(nnx.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         x = self.trunk(x)
         return self.A(x), self.b(x), self.Q(x)
+
+
+class VRKNTransition(nnx.Module):
+    """``(mu_t^+, a_t) -> (A_t, b_t, Q_t)``: VRKN's dynamics model, a gated transition network
+    (Becker & Neumann 2022, Sec. 3.2, Fig. 3b), used by :mod:`pssm.vrkn` (fed the filtered mean
+    ``mu_t^+``) and as KalMamba's post-Mamba network by :mod:`pssm.kalmamba` (fed the backbone's
+    ``m_t``, SiLU; KalMamba paper, Table 2):
+
+        x = drop(act(W_1 [mu, a] + c_1)),  g = drop(GRU(h=mu, x)),
+        y = drop(act(W_2 g + c_2)),  (A~, Q~, b) = W_3 y + c_3,
+        A = scaled_sigmoid(A~; A_bounds),  Q = scaled_sigmoid(Q~; Q_bounds),
+
+    with ``W_3, c_3`` initialised at zero, so that training starts from the damped resting point
+    ``A = 0.9, b = 0, Q = 0.01`` whatever ``mu`` is (a random ``W_3`` makes ``b_t(mu)`` a
+    feedback with gain above 1 at VRKN's sizes: the untrained filter diverges on long sequences).
+
+    Dropout masks come from ``key`` (fresh MC-dropout draws) or from uniform ``noise``
+    ``(..., 2 hidden + d)`` (of the three layers, concatenated; see :class:`MCDropout`);
+    neither: no dropout.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        action_dim: int,
+        hidden: int,
+        *,
+        rate: float = 0.1,
+        A_bounds: tuple[float, float, float] = (0.1, 0.99, 0.9),
+        Q_bounds: tuple[float, float, float] = (1e-3, 0.1, 1e-2),
+        activation: Activation = nnx.relu,
+        param_dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        scaled_sigmoid(jnp.zeros(()), *A_bounds)  # validates the bounds
+        scaled_sigmoid(jnp.zeros(()), *Q_bounds)
+        kw = dict(param_dtype=param_dtype or default_param_dtype(), rngs=rngs)
+        d, h = int(latent_dim), int(hidden)
+        self.pre = nnx.Linear(d + int(action_dim), h, **kw)
+        self.gru = GRU(h, d, **kw)
+        self.post = nnx.Linear(d, h, **kw)
+        # zero at initialisation: the damped resting point of the class docstring (a random W_3
+        # grew |mu_t| ~1.13x per step at VRKN's sizes and overflowed float32 before T = 1024)
+        self.out = nnx.Linear(h, 3 * d, kernel_init=nnx.initializers.zeros_init(), **kw)
+        self.dropout = MCDropout(rate)
+        self.activation = activation
+        self.A_bounds, self.Q_bounds = tuple(A_bounds), tuple(Q_bounds)
+        self.noise_size = 2 * h + d
+        self._splits = (h, h + d)
+
+    def __call__(self, mean, action, key=None, noise=None):
+        if noise is not None:
+            parts = jnp.split(noise, self._splits, axis=-1)
+            drop = [lambda x, u=u: self.dropout(x, noise=u) for u in parts]
+        elif key is not None:
+            drop = [lambda x, k=k: self.dropout(x, k) for k in jax.random.split(key, 3)]
+        else:
+            drop = [lambda x: x] * 3
+        x = drop[0](self.activation(self.pre(jnp.concatenate([mean, action], axis=-1))))
+        g = drop[1](self.gru(mean, x))
+        y = drop[2](self.activation(self.post(g)))
+        A_raw, Q_raw, b = jnp.split(self.out(y), 3, axis=-1)
+        A = scaled_sigmoid(A_raw, *self.A_bounds)
+        Q = scaled_sigmoid(Q_raw, *self.Q_bounds)
+        return A, b, Q

@@ -70,6 +70,7 @@ from .inputs import (
     prepare_inputs,
 )
 from .layers import ConvDecoder, GaussianConvEncoder, MCDropout, preprocess_image
+from .nets import VRKNTransition  # VRKN's dynamics model, shared with pssm.kalmamba
 from .observations import step_observations
 from .rssm import score_rewards
 
@@ -79,68 +80,6 @@ __all__ = [
     "VRKNTransition",
     "vrkn",
 ]
-
-
-class VRKNTransition(nnx.Module):
-    """``(mu_t^+, a_t) -> (A_t, b_t, Q_t)``: VRKN's gated transition network (Fig. 3b).
-
-        x = drop(act(W_1 [mu, a] + c_1)),  g = drop(GRU(h=mu, x)),
-        y = drop(act(W_2 g + c_2)),  (A~, Q~, b) = W_3 y + c_3,
-        A = scaled_sigmoid(A~; A_bounds),  Q = scaled_sigmoid(Q~; Q_bounds),
-
-    with ``W_3, c_3`` initialised at zero, so that training starts from the damped resting point
-    ``A = 0.9, b = 0, Q = 0.01`` whatever ``mu`` is (a random ``W_3`` makes ``b_t(mu)`` a
-    feedback with gain above 1 at VRKN's sizes: the untrained filter diverges on long sequences).
-
-    Dropout masks come from ``key`` (fresh MC-dropout draws) or from uniform ``noise``
-    ``(..., 2 hidden + d)`` (of the three layers, concatenated; see :class:`MCDropout`);
-    neither: no dropout.
-    """
-
-    def __init__(
-        self,
-        latent_dim: int,
-        action_dim: int,
-        hidden: int,
-        *,
-        rate: float = 0.1,
-        A_bounds: tuple[float, float, float] = (0.1, 0.99, 0.9),
-        Q_bounds: tuple[float, float, float] = (1e-3, 0.1, 1e-2),
-        activation: nets.Activation = nnx.relu,
-        param_dtype=None,
-        rngs: nnx.Rngs,
-    ):
-        nets.scaled_sigmoid(jnp.zeros(()), *A_bounds)  # validates the bounds
-        nets.scaled_sigmoid(jnp.zeros(()), *Q_bounds)
-        kw = dict(param_dtype=param_dtype or nets.default_param_dtype(), rngs=rngs)
-        d, h = int(latent_dim), int(hidden)
-        self.pre = nnx.Linear(d + int(action_dim), h, **kw)
-        self.gru = nets.GRU(h, d, **kw)
-        self.post = nnx.Linear(d, h, **kw)
-        # zero at initialisation: the damped resting point of the class docstring (a random W_3
-        # grew |mu_t| ~1.13x per step at VRKN's sizes and overflowed float32 before T = 1024)
-        self.out = nnx.Linear(h, 3 * d, kernel_init=nnx.initializers.zeros_init(), **kw)
-        self.dropout = MCDropout(rate)
-        self.activation = activation
-        self.A_bounds, self.Q_bounds = tuple(A_bounds), tuple(Q_bounds)
-        self.noise_size = 2 * h + d
-        self._splits = (h, h + d)
-
-    def __call__(self, mean, action, key=None, noise=None):
-        if noise is not None:
-            parts = jnp.split(noise, self._splits, axis=-1)
-            drop = [lambda x, u=u: self.dropout(x, noise=u) for u in parts]
-        elif key is not None:
-            drop = [lambda x, k=k: self.dropout(x, k) for k in jax.random.split(key, 3)]
-        else:
-            drop = [lambda x: x] * 3
-        x = drop[0](self.activation(self.pre(jnp.concatenate([mean, action], axis=-1))))
-        g = drop[1](self.gru(mean, x))
-        y = drop[2](self.activation(self.post(g)))
-        A_raw, Q_raw, b = jnp.split(self.out(y), 3, axis=-1)
-        A = nets.scaled_sigmoid(A_raw, *self.A_bounds)
-        Q = nets.scaled_sigmoid(Q_raw, *self.Q_bounds)
-        return A, b, Q
 
 
 class VRKNBelief(NamedTuple):

@@ -22,6 +22,7 @@ from inference.guides import kalman_smoothing
 from inference.objectives import KalMambaELBO
 from pssm.kalmamba import kalmamba
 from pssm.locally_linear import locally_linear
+from pssm.vrkn import vrkn
 from rl import world_model as W
 from rl.world_models.kalmamba import kalmamba_world_model
 
@@ -34,6 +35,27 @@ def mlp(p, x):
     """Independent reference of nets.MLP with one hidden layer (ELU)."""
     h = jax.nn.elu(x @ p["layer0"]["kernel"] + p["layer0"]["bias"])
     return h @ p["out"]["kernel"] + p["out"]["bias"]
+
+
+def vrkn_dynamics(p, h, a, act):
+    """Independent NumPy reference of VRKN's dynamics model (Becker & Neumann 2022, Sec. 3.2,
+    Fig. 3b) with parameters ``p`` and activation ``act``, the GRU's hidden state ``h``:
+
+        x = act(W_1 [h, a] + c_1),  r, u = sigma(W_r,u x + U_r,u h + c_r,u),
+        g = (1 - u) tanh(W_n x + c_n + r U_n h) + u h,  y = act(W_2 g + c_2),
+        (A~, Q~, b) = W_3 y + c_3,  A = 0.1 + 0.89 sigma(A~ + logit(0.8 / 0.89)),
+        Q = 1e-3 + 0.099 sigma(Q~ + logit(0.009 / 0.099))   (0.9 and 0.01 at zero input)."""
+    sig = lambda v: 1.0 / (1.0 + np.exp(-v))
+    lin = lambda q, v: v @ np.asarray(q["kernel"]) + np.asarray(q.get("bias", 0.0))
+    x = act(lin(p["pre"], np.concatenate([h, a], -1)))
+    cell = p["gru"]["cell"]
+    xr, xu, xn = np.split(lin(cell["dense_i"], x), 3, -1)
+    hr, hu, hn = np.split(lin(cell["dense_h"], h), 3, -1)
+    r, u = sig(xr + hr), sig(xu + hu)
+    g = (1 - u) * np.tanh(xn + r * hn) + u * h
+    A_raw, Q_raw, b = np.split(lin(p["out"], act(lin(p["post"], g))), 3, -1)
+    bounded = lambda v, lo, hi, v0: lo + (hi - lo) * sig(v + np.log((v0 - lo) / (hi - v0)))
+    return bounded(A_raw, 0.1, 0.99, 0.9), b, bounded(Q_raw, 1e-3, 0.1, 1e-2)
 
 
 def path(tr):
@@ -93,22 +115,38 @@ def seeded(fn, key):
 
 
 @pytest.fixture(scope="module")
-def forward(models):
-    """Jitted ``model.forward`` of the parallel model at its initial parameters, seeded with
-    ``key`` (MC-dropout masks drawn at the dropout site) or unseeded (``None``: no dropout)."""
+def lively(models, data):
+    """The models' initial parameters with a random output layer of the post-Mamba dynamics
+    model (VRKN's, which starts at zero: constant ``A = 0.9, b = 0, Q = 0.01``), so that the
+    transitions depend on ``m_t``, ``a_t`` and the dropout masks."""
+    tr = handlers.trace(handlers.seed(models[0], 0)).get_trace(**data)
+    params = params_of(tr)
+    dyn = params["kalmamba_dynamics$params"]
+    kernel = dyn["out"]["kernel"]
+    random = jax.random.normal(jax.random.key(21), kernel.shape, kernel.dtype)
+    out = dict(dyn["out"], kernel=random / np.sqrt(kernel.shape[0]))
+    return dict(params, **{"kalmamba_dynamics$params": dict(dyn, out=out)})
+
+
+@pytest.fixture(scope="module")
+def forward(models, lively):
+    """Jitted ``model.forward`` of the parallel model at the :func:`lively` parameters, seeded
+    with ``key`` (MC-dropout masks drawn at the dropout site) or unseeded (``None``: no
+    dropout)."""
     model = models[0]
     return jax.jit(
-        lambda obs, actions, mask, key: seeded(model.forward, key)(
+        lambda obs, actions, mask, key: handlers.substitute(seeded(model.forward, key), lively)(
             model.prepare(obs, actions, mask)
         )
     )
 
 
 @pytest.fixture(scope="module")
-def trace(models, data):
-    """Site values of one (jitted) run of the model, and its parameters perturbed away from
-    their initial values (in NumPy: nothing to compile) for the world-model tests."""
-    tr = jax.jit(lambda: values(handlers.trace(handlers.seed(models[0], 0)).get_trace(**data)))()
+def trace(models, data, lively):
+    """Site values of one (jitted) run of the model at the :func:`lively` parameters, and
+    those perturbed (in NumPy: nothing to compile) for the world-model tests."""
+    run = handlers.substitute(handlers.seed(models[0], 0), lively)
+    tr = jax.jit(lambda: values(handlers.trace(run).get_trace(**data)))()
     rng = np.random.default_rng(11)
     perturb = lambda x: np.asarray(x) * (1 + 0.1 * rng.standard_normal(np.shape(x)))
     params = {k: tr[k] for k in tr if k.startswith("kalmamba_") and k != "kalmamba_dropout"}
@@ -116,7 +154,7 @@ def trace(models, data):
 
 
 @pytest.fixture(scope="module")
-def elbo_runs(models, data):
+def elbo_runs(models, data, lively):
     """The KalMamba objective (MC dropout on, alpha = 0.5) of the parallel model; the inner ELBO
     of the sequential model with the wrapper's first key half and, substituted in its guide, the
     dropout masks of a forward pass seeded with the second half (what the wrapper does); and
@@ -132,13 +170,14 @@ def elbo_runs(models, data):
         """The forward pass and the guide's smoother with the ELBO's dropout masks (the same
         computations as inside the ELBO, which the compiler shares)."""
         x = model.prepare(data["obs"], data["actions"], data["mask"])
-        f = handlers.seed(model.forward, k_drop)(x)
+        f = handlers.substitute(handlers.seed(model.forward, k_drop), lively)(x)
         return f, jax.vmap(partial(kalman.smoother, parallel=model.parallel))(*f.structure)
 
     @jax.jit
     def run_parallel():
         model = models[0]
-        out = KalMambaELBO(inner, alpha=0.5).loss_with_metrics(key, {}, model, guide(model), **data)
+        elbo = KalMambaELBO(inner, alpha=0.5)
+        out = elbo.loss_with_metrics(key, lively, model, guide(model), **data)
         return out["loss"], out["metrics"], posterior(model)
 
     @jax.jit
@@ -148,8 +187,8 @@ def elbo_runs(models, data):
             model.prepare(data["obs"], data["actions"], data["mask"])
         )
         masks = {"kalmamba_dropout": tr["kalmamba_dropout"]["value"]}
-        loss = inner.loss(k_elbo, {}, model, handlers.substitute(guide(model), masks), **data)
-        own_masks = inner.loss(k_elbo, {}, model, guide(model), **data)
+        loss = inner.loss(k_elbo, lively, model, handlers.substitute(guide(model), masks), **data)
+        own_masks = inner.loss(k_elbo, lively, model, guide(model), **data)
         return loss, posterior(model), own_masks
 
     return key, run_parallel(), run_sequential()
@@ -245,11 +284,12 @@ def test_regulariser_and_elbo_wrapper(models, data, forward, elbo_runs, trace):
     assert max(np.abs(g).max() for g in jax.tree.leaves(grad["kalmamba_backbone$params"])) > 0
 
 
-def test_mc_dropout_site_only_under_a_seed(data, forward, trace):
+def test_mc_dropout_site_only_under_a_seed(data, forward, trace, lively):
     """The dropout masks are the latent site ``"kalmamba_dropout"`` ~ U(0, 1), drawn only under
     a seed handler (unseeded: no dropout), the same for the same seed; ``mc_dropout=False`` or
     rate 0: no site, no dropout."""
-    assert trace[0]["kalmamba_dropout"].shape == (B, T, 1 * 4 + 6)  # pre_layers d_model + hidden
+    # pre_layers * d_model, then the VRKN dynamics model's 2 * hidden + D
+    assert trace[0]["kalmamba_dropout"].shape == (B, T, 1 * 4 + 2 * 6 + D)
     run = partial(forward, data["obs"], data["actions"], data["mask"])
     k1, k2 = jax.random.split(jax.random.key(5))
     off, off2, on1, on1b, on2 = run(None), run(None), run(k1), run(k1), run(k2)
@@ -265,13 +305,47 @@ def test_mc_dropout_site_only_under_a_seed(data, forward, trace):
         kalmamba(DIMS, D, U, mc_dropout=False, **SIZES),
     ):
         assert not plain.mc_dropout
-        fwd = jax.jit(lambda key, m=plain: handlers.seed(m.forward, key)(m.prepare(*run.args)))
+        fwd = jax.jit(lambda key, m=plain: handlers.substitute(
+            handlers.seed(m.forward, key), lively)(m.prepare(*run.args)))  # fmt: skip
         jax.tree.map(np.testing.assert_array_equal, fwd(k1), fwd(k2))
         # same weights, no dropout: the unseeded pass (another compilation: to rounding)
         close = partial(np.testing.assert_allclose, rtol=1e-12, atol=1e-14)
         jax.tree.map(close, fwd(k1), off)
         tr = handlers.trace(handlers.seed(plain.forward, 0)).get_trace(plain.prepare(*run.args))
         assert "kalmamba_dropout" not in tr
+
+
+def test_post_mamba_dynamics_is_the_vrkn_dynamics_model(data, forward, lively):
+    """KalMamba's post-Mamba network is VRKN's dynamics model with SiLU (KalMamba paper, Table
+    2), fed ``m_t`` and ``a_t``: the forward pass's ``A_t, b_t, Q_t`` equal the NumPy reference
+    of VRKN's equations with KalMamba's parameters, ``A_t`` and ``Q_t`` inside VRKN's sigmoid
+    bounds; VRKN's own transition network (ReLU) equals the same reference with its parameters
+    (one network serves both models)."""
+    f = forward(data["obs"], data["actions"], data["mask"], None)  # unseeded: no dropout
+    p = jax.tree.map(np.asarray, lively["kalmamba_dynamics$params"])
+    silu = lambda v: v / (1.0 + np.exp(-v))
+    m, a = np.asarray(f.m[:, :-1]), np.asarray(data["actions"][:, :-1])
+    expected = vrkn_dynamics(p, m, a, silu)
+    for got, want in zip(f.structure.dynamics, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    A, _, Q = expected
+    assert np.all((A > 0.1) & (A < 0.99)) and np.all((Q > 1e-3) & (Q < 0.1))
+    assert np.ptp(A) > 0.01 and np.ptp(Q) > 1e-3  # the transitions vary with m_t and a_t
+
+    model = vrkn(2, U, latent_dim=D, hidden=5, mlp_hidden=(4,), mc_dropout=False)
+    params = params_of(handlers.trace(handlers.seed(model.networks, 0)).get_trace())
+    trans = params["vrkn_transition$params"]
+    out = trans["out"]  # zero at initialisation: a random output layer
+    kernel = np.random.default_rng(3).standard_normal(np.shape(out["kernel"]))
+    params["vrkn_transition$params"] = dict(trans, out=dict(out, kernel=kernel))
+    with handlers.substitute(data=params):
+        transition = model.networks().transition
+    rng = np.random.default_rng(4)
+    mean, action = rng.standard_normal((6, D)), rng.standard_normal((6, U))
+    expected = vrkn_dynamics(jax.tree.map(np.asarray, params["vrkn_transition$params"]), mean,
+                             action, lambda v: np.maximum(v, 0.0))  # fmt: skip
+    for got, want in zip(transition(mean, action), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
 def test_likelihoods_against_hand_computation(models, data):
@@ -430,7 +504,7 @@ def test_world_model_acting_functions(wm, data, trace):
 
     grads = rollout_grad(params, b)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-    assert np.any(np.abs(grads[0]["kalmamba_dynamics$params"]["A"]["linear"]["kernel"]) > 0)
+    assert np.any(np.abs(grads[0]["kalmamba_dynamics$params"]["out"]["kernel"]) > 0)
     assert np.any(np.abs(grads[1].mean) > 0) and np.any(np.abs(grads[1].m) > 0)
 
 
