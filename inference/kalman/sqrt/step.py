@@ -25,8 +25,10 @@ The covariance path of the update (``L_y, G, L+``) does not depend on the data, 
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import Array
+from jax._src.lax import linalg as _linalg  # geqrf (as _lapack_guard, which guards it)
 from jax.scipy.linalg import solve_triangular
 
 from .._validate import check_mask
@@ -39,15 +41,36 @@ def _T(X: Array) -> Array:
     return jnp.swapaxes(X, -1, -2)
 
 
+@jax.custom_jvp
 def tria(M: Array) -> Array:
     """Lower-triangular ``L`` (``(..., n, n)``) with ``L L^T = M M^T`` for ``M`` ``(..., n, k)``,
-    non-negative diagonal (the Cholesky factor of ``M M^T`` when it is positive definite)."""
+    non-negative diagonal (the Cholesky factor of ``M M^T`` when it is positive definite).
+
+    One Householder QR of ``M^T`` (LAPACK ``geqrf``: only ``R = L^T`` is needed, so the
+    orthogonal factor, which ``jnp.linalg.qr(mode="r")`` still forms, is never built).
+    """
     n, k = M.shape[-2:]
     if k < n:
         M = jnp.concatenate([M, jnp.zeros((*M.shape[:-1], n - k), M.dtype)], axis=-1)
-    L = _T(jnp.linalg.qr(_T(M), mode="r"))
+    packed, _ = _linalg.geqrf(_T(M))
+    L = jnp.tril(_T(packed[..., :n, :]))
     sign = jnp.where(jnp.diagonal(L, axis1=-2, axis2=-1) < 0, -1.0, 1.0).astype(L.dtype)
     return L * sign[..., None, :]
+
+
+@tria.defjvp
+def _tria_jvp(primals, tangents):
+    """The Cholesky factor's derivative (``L`` must be nonsingular): with ``C = L^{-1} M`` and
+    ``B = L^{-1} dM``, ``dL = L Phi(B C^T + C B^T)``, ``Phi`` the lower triangle with half the
+    diagonal (``d(M M^T) = dM M^T + M dM^T``)."""
+    (M,), (dM,) = primals, tangents
+    L = tria(M)
+    C = solve_triangular(L, M, lower=True)
+    B = solve_triangular(L, dM, lower=True)
+    K = B @ _T(C)
+    K = K + _T(K)
+    phi = jnp.tril(K) - 0.5 * jnp.eye(K.shape[-1], dtype=K.dtype) * K
+    return L, L @ phi
 
 
 def joint(L: Array, F: Array, Lc: Array) -> tuple[Array, Array, Array]:
