@@ -5,7 +5,12 @@ filtered belief ``N(m_t, P_t)`` and the dynamics ``(A_t, b_t, Q_t)``,
 
     q(z_t | z_{t+1}, o_{0:t}) = N(E_t z_{t+1} + g_t, L_t),
     E_t = P_t A_t^T (A_t P_t A_t^T + Q_t)^{-1},   g_t = m_t - E_t (A_t m_t + b_t),
-    L_t = (I - E_t A_t) P_t (I - E_t A_t)^T + E_t Q_t E_t^T        (Joseph form: PSD by design),
+    L_t = P_t - E_t Pp_{t+1} E_t^T                  (Pp_{t+1} = A_t P_t A_t^T + Q_t, predicted),
+
+computed from one Cholesky factor ``Pp = C C^T`` of the stored predicted covariance:
+``W = C^{-1} A_t P_t``, ``E_t = (C^{-T} W)^T``, ``L_t = P_t - W^T W`` (the form of the filter's
+update, symmetric by construction); for diagonal structure ``L_t = P_t Q_t / Pp_{t+1}``, a
+ratio of positives.
 
 the VSSF posterior factorisation ``q(z_{T-1}|o) prod_t q(z_t | z_{t+1}, o_{0:t})`` (L-VSSF Eq. 4-5).
 Composing these affine-Gaussian maps from the last filtered belief backwards gives the
@@ -27,6 +32,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jax.scipy.linalg import solve_triangular
 
 from . import _scan, step
 from ._algebra import Algebra, algebra_for
@@ -65,11 +71,17 @@ def compose_scan(alg: Algebra, elems: LinearGaussian, fields, parallel, reverse,
 
 
 def _backward_element(alg: Algebra, m, P, A, Q, m_pred, P_pred) -> LinearGaussian:
-    E = alg.T(alg.solve_spd(P_pred, alg.mm(A, P)))  # P A^T P_pred^{-1}
-    g = m - alg.mv(E, m_pred)
-    IEA = alg.eye(P) - alg.mm(E, A)
-    L = alg.sym(alg.mm(alg.mm(IEA, P), alg.T(IEA)) + alg.mm(alg.mm(E, Q), alg.T(E)))
-    return LinearGaussian(E, g, L)
+    """``q(z_t | z_{t+1}, o_{0:t})`` from the filtered and the predicted belief (module
+    docstring): one Cholesky factorisation of ``P_pred`` and two triangular solves."""
+    AP = alg.mm(A, P)
+    if alg.diagonal:
+        E, L = AP / P_pred, P * Q / P_pred
+    else:
+        C = jnp.linalg.cholesky(P_pred)
+        W = solve_triangular(C, AP, lower=True)
+        E = alg.T(solve_triangular(C, W, lower=True, trans=1))  # P A^T P_pred^{-1}
+        L = alg.sym(P - alg.mm(alg.T(W), W))
+    return LinearGaussian(E, m - alg.mv(E, m_pred), L)
 
 
 def backward_conditionals(filtered: FilterResult | Gaussian, dynamics: Dynamics) -> LinearGaussian:
