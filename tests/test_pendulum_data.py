@@ -351,3 +351,9 @@ def test_sysid_time_limit_and_kalmamba_alpha_options():
     entry = kalmamba("--alpha", "0.25")
     assert entry.elbo.alpha == 0.25 and "alpha 0.25" in entry.note
     assert kalmamba().elbo.alpha == 1.0
+    # each family's own ELBO, not the RL presets' KL balancing; VRKN's free nats from the flag
+    assert (kalmamba().elbo.elbo.free_nats, kalmamba().elbo.elbo.balance) == (0.0, None)
+    args = parser.parse_args(["--latent", "4", "--hidden", "8", "--free-nats", "1.5"])
+    args.action_dim = 0
+    vrkn = pendulum_sysid.build_vrkn(args).elbo
+    assert (vrkn.free_nats, vrkn.balance) == (1.5, None)
