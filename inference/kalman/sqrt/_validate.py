@@ -14,7 +14,7 @@ import numpy as np
 from jax import Array
 
 from .._types import Emissions, Gaussian, LinearGaussian
-from .._validate import _check_finite, _concrete, _mask, _shape_error, _time_varying
+from .._validate import _check_finite, _concrete, _given_mask, _shape_error, _time_varying
 from ._types import SqrtDynamics, SqrtEmissions, SqrtGaussian
 from .step import decouple
 
@@ -104,7 +104,7 @@ def canonicalize(
         _check_finite("w (where observed)", w)
         num_observed = jnp.full((T,), p, dtype)
     else:
-        seen = _mask(emissions.mask, w, dtype) > 0
+        seen = jnp.broadcast_to(_given_mask(emissions.mask, w, dtype), w.shape) > 0
         _check_finite("w (where observed)", jnp.where(seen, w, 0.0))
         w, H, LR = jax.vmap(decouple)(w, H, LR, seen)
         num_observed = jnp.sum(seen, axis=-1).astype(dtype)
