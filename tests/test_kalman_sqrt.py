@@ -304,3 +304,8 @@ def test_bad_input_raises_clear_errors():
         ks.smoother(prior._replace(chol=np.ones(2)), dyn, em)
     with pytest.raises(ValueError, match="w \\(where observed\\)"):
         ks.smoother(prior, dyn, em._replace(w=np.nan_to_num(em.w) * np.nan, mask=None))
+    # under jit the same checks are staged for kalman.checked
+    loglik = jax.jit(lambda LQ: ks.smoother(prior, dyn._replace(chol=LQ), em).log_likelihood)
+    with pytest.raises(ValueError, match="Q square root must be nonsingular"):
+        kalman.checked(loglik)(np.zeros((2, 2)))
+    assert np.isfinite(kalman.checked(loglik)(dyn.chol))

@@ -1,9 +1,10 @@
 """Shape and value checks of a square-root model, and its normalisation into the kernels' form.
 
 As in :mod:`inference.kalman._validate` (whose shape helpers this reuses): shapes are checked
-always, values whenever the arrays are concrete (outside ``jit``); errors are ``ValueError`` s
-naming the argument. A square root must be finite and nonsingular (so that ``S S^T`` is
-positive definite); it need not be triangular.
+always, values whenever the arrays are concrete (outside ``jit``) and, under a trace, staged for
+:func:`inference.kalman.checked`; errors are ``ValueError`` s naming the argument. A square
+root must be finite and nonsingular (so that ``S S^T`` is positive definite); it need not be
+triangular.
 """
 
 from typing import NamedTuple
@@ -14,7 +15,14 @@ import numpy as np
 from jax import Array
 
 from .._types import Emissions, Gaussian, LinearGaussian
-from .._validate import _check_finite, _concrete, _given_mask, _shape_error, _time_varying
+from .._validate import (
+    _check_finite,
+    _concrete,
+    _given_mask,
+    _shape_error,
+    _staged_check,
+    _time_varying,
+)
 from ._types import SqrtDynamics, SqrtEmissions, SqrtGaussian
 from .step import decouple
 
@@ -32,14 +40,17 @@ class SqrtCanonical(NamedTuple):
 
 
 def _check_root(name: str, S: Array) -> None:
+    """Finite and nonsingular; under a trace staged for :func:`inference.kalman.checked`."""
     _check_finite(name, S)
-    if np.size(S) == 0 or not _concrete(S):
+    message = f"{name} must be nonsingular (a square root of a positive definite matrix)"
+    if np.size(S) == 0:
+        return
+    if not _concrete(S):
+        _staged_check(jnp.isfinite(jnp.linalg.slogdet(S)[1]), message)
         return
     smallest = np.linalg.svd(np.asarray(S, np.float64), compute_uv=False)[..., -1]
     if np.any(smallest <= 0):
-        raise ValueError(
-            f"{name} must be nonsingular (a square root of a positive definite matrix)"
-        )
+        raise ValueError(message)
 
 
 def time_varying_dynamics(dynamics: SqrtDynamics, d: int, T: int, dtype) -> SqrtDynamics:
