@@ -364,6 +364,34 @@ def test_example_quick_run_writes_table_and_figure(tmp_path):
     assert (tmp_path / "filtered_trajectories.png").stat().st_size > 10_000
 
 
+def test_example_diagnostics_of_a_run_match_independent_formulas():
+    """The per-seed diagnostics of ``examples.lvssf_pendulum.evaluate`` (issue 22: a failed
+    seed has its full error already in the first 5 steps and a latent that is no affine image
+    of the state): the affine R^2 against the squared multiple correlation
+    ``r^T R^-1 r`` of the latent coordinates with each true coordinate, the first-5-step
+    error and the largest latent norm against the filter's means."""
+    from examples import lvssf_pendulum as ex
+
+    model = ex.build("none-known", SIZE * SIZE, hidden=8, decoder_var=0.01, init_L=1.0, seed=0)
+    test = simulate(4, 30, size=SIZE, seed=5)
+    params = initial_params(model, ex.model_inputs(model, test))
+    e = ex.evaluate(model, params, test)
+    f = filter_beliefs(model, params, **ex.model_inputs(model, test, images_only=True))
+    m, x = np.asarray(f.filtered.mean, np.float64), test["states"].astype(np.float64)
+    corr = np.corrcoef(np.c_[m.reshape(-1, 2), x.reshape(-1, 2)].T)
+    for j, name in enumerate(("angle", "velocity")):
+        r = corr[:2, 2 + j]
+        assert e[f"r2_affine_{name}"] == pytest.approx(
+            r @ np.linalg.solve(corr[:2, :2], r), abs=1e-5
+        )
+    assert 0.0 < e["r2_affine_angle"] < 1.0
+    assert e["mse_angle_first_5"] == pytest.approx(
+        np.mean((m[:, :5, 0] - x[:, :5, 0]) ** 2), rel=1e-5
+    )
+    assert e["mse_angle"] == pytest.approx(np.mean((m[..., 0] - x[..., 0]) ** 2), rel=1e-5)
+    assert e["latent_norm_max"] == pytest.approx(np.linalg.norm(m, axis=-1).max(), rel=1e-5)
+
+
 # --- acting: the belief step and the world model --------------------------------------------------
 
 
