@@ -218,3 +218,35 @@ def test_vmap_over_a_batch_equals_a_loop():
         one = kalman.smoother(c.prior, c.dynamics, c.emissions)
         np.testing.assert_allclose(batched.smoothed.mean[i], one.smoothed.mean, rtol=1e-12)
         np.testing.assert_allclose(batched.log_likelihood[i], one.log_likelihood, rtol=1e-12)
+
+
+@pytest.mark.parametrize("diagonal", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_static_parameters_equal_their_broadcast_time_varying_form(diagonal, masked):
+    """Static parameters and an absent mask take their own (un-broadcast) path through both
+    drivers; it must give what the same model written out per step gives."""
+    rng = np.random.default_rng(7)
+    d, T = 3, 9
+    case = random_case(11, d, T, 1, diagonal, False, False)
+    (m0, P0), (A, b, Q) = case.prior, case.dynamics
+    w, R = np.asarray(case.emissions.w), np.asarray(case.emissions.R)
+    w = w.reshape(T, -1)
+    R = R.reshape(R.shape[-1:] if diagonal else R.shape[-2:])
+    mask = (rng.uniform(size=w.shape) > 0.3).astype(float) if masked else None
+    H = None if diagonal else rng.normal(size=(w.shape[1], d))
+    static = (kalman.Gaussian(m0, P0), kalman.Dynamics(A, b, Q), kalman.Emissions(w, R, mask, H))
+    per_step = lambda x, n: np.broadcast_to(x, (n, *np.shape(x)))  # noqa: E731
+    varying = (
+        static[0],
+        kalman.Dynamics(per_step(A, T - 1), per_step(b, T - 1), per_step(Q, T - 1)),
+        kalman.Emissions(
+            w,
+            per_step(R, T),
+            np.ones(w.shape) if mask is None else mask,
+            None if H is None else per_step(H, T),
+        ),
+    )
+    for parallel in (False, True):
+        got, want = (_smoother[parallel](*model) for model in (static, varying))
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-10)
