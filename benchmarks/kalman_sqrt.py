@@ -31,10 +31,8 @@ and the glibc ``MALLOC_*`` thresholds (fresh output buffers otherwise page-fault
 
 import argparse
 import os
-import statistics
 import sys
 import time
-from typing import NamedTuple
 
 from benchmarks.kalman import CPU_WORKAROUND_FLAG, CPU_WORKAROUND_POOL, MALLOC_ENV
 
@@ -117,23 +115,10 @@ def check_accuracy(d: int) -> list[str]:
     return lines
 
 
-class Timing(NamedTuple):
-    compile_s: float
-    times_s: tuple[float, ...]
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.times_s)
-
-    @property
-    def min_s(self) -> float:
-        return min(self.times_s)
-
-
 def time_all(d: int, T: int, batch: int, repeats: int, impls) -> dict:
-    """``{impl: Timing}`` on the float32 dense model: every implementation compiled (timed
-    apart) and called once to warm up, then ``repeats`` rounds that call each once in turn, so
-    that the load of the shared machine varies alike for all of them."""
+    """``{impl: benchmarks._timing.Timing}`` on the float32 dense model: every implementation
+    compiled (timed apart) and called once to warm up, then ``repeats`` rounds that call each
+    once in turn, so that the load of the shared machine varies alike for all of them."""
     import jax
     import jax.numpy as jnp
 
@@ -141,16 +126,19 @@ def time_all(d: int, T: int, batch: int, repeats: int, impls) -> dict:
     from benchmarks.kalman import make_model
 
     args = tuple(jnp.asarray(x, jnp.float32) for x in make_model("dense", d, T, batch))
-    compiled, compile_s, times = {}, {}, {impl: [] for impl in impls}
+    compiled, compile_s, warmup_s, times = {}, {}, {}, {impl: [] for impl in impls}
     for impl in impls:
         compiled[impl], compile_s[impl] = _timing.compile_timed(implementation(impl)[0], *args)
-        _timing.warm_up(compiled[impl], *args)
+        warmup_s[impl] = _timing.warm_up(compiled[impl], *args)
     for _ in range(repeats):
         for impl in impls:
             start = time.perf_counter()
             jax.block_until_ready(compiled[impl](*args))
             times[impl].append(time.perf_counter() - start)
-    out = {impl: Timing(compile_s[impl], tuple(times[impl])) for impl in impls}
+    out = {
+        impl: _timing.Timing(compile_s[impl], warmup_s[impl], tuple(times[impl]), None)
+        for impl in impls
+    }
     for impl, t in out.items():
         print(
             f"  d={d:4d} T={T:5d} {impl:13s} compile {t.compile_s:6.2f} s   "
