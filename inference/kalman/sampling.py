@@ -29,18 +29,19 @@ def _logdet_sqrt(alg, sqrt_cov: Array) -> Array:
     return jnp.sum(jnp.log(diag), axis=-1)
 
 
-def _sample_one(key, initial: Gaussian, conditionals: LinearGaussian, reverse, parallel, unroll):
-    alg = algebra_for(initial.cov)
-    T = conditionals.b.shape[0] + 1
-    d = initial.mean.shape[-1]
-    eps = jax.random.normal(key, (T, d), initial.mean.dtype)
+def sample_roots(key, alg, mean0, s0, A, b, s, logdet, reverse, parallel, unroll):
+    """One path of the chain ``z_0 = mean0 + s0 eps_0``, ``z -> A_t z + b_t + s_t eps_t`` given
+    square roots ``s0``, ``s_t`` of its covariances (``logdet(s) = log |det s|``; reversed:
+    ``mean0, s0`` belong to ``z_{T-1}``), composed under ``compose_scan``; returns the path and
+    its log-density. The covariance form factorises its covariances into these roots, the
+    square-root form (:mod:`inference.kalman.sqrt`) passes its factors."""
+    T = b.shape[0] + 1
+    d = mean0.shape[-1]
+    eps = jax.random.normal(key, (T, d), mean0.dtype)
     e0, e_rest = (eps[-1], eps[:-1]) if reverse else (eps[0], eps[1:])
-    s0 = alg.sqrt(initial.cov)
-    s = alg.sqrt(conditionals.Q)
-    z0 = initial.mean + alg.mv(s0, e0)
-    offsets = conditionals.b + alg.mv(s, e_rest)
-    first = LinearGaussian(jnp.zeros_like(initial.cov), z0, jnp.zeros_like(initial.cov))
-    maps = LinearGaussian(conditionals.A, offsets, jnp.zeros_like(conditionals.Q))
+    z0 = mean0 + alg.mv(s0, e0)
+    first = LinearGaussian(jnp.zeros_like(s0), z0, jnp.zeros_like(s0))
+    maps = LinearGaussian(A, b + alg.mv(s, e_rest), jnp.zeros_like(s))
     cat = (
         (lambda r, f: jnp.concatenate([r, f[None]]))
         if reverse
@@ -48,13 +49,15 @@ def _sample_one(key, initial: Gaussian, conditionals: LinearGaussian, reverse, p
     )
     elems = jax.tree.map(cat, maps, first)
     (z,) = compose_scan(alg, elems, ("b",), parallel, reverse, unroll)
-    log_prob = (
-        -0.5 * jnp.sum(eps * eps)
-        - 0.5 * T * d * _LOG_2PI
-        - _logdet_sqrt(alg, s0)
-        - jnp.sum(_logdet_sqrt(alg, s))
-    )
+    log_prob = -0.5 * jnp.sum(eps * eps) - 0.5 * T * d * _LOG_2PI - logdet(s0) - jnp.sum(logdet(s))
     return z, log_prob
+
+
+def _sample_one(key, initial: Gaussian, conditionals: LinearGaussian, reverse, parallel, unroll):
+    alg = algebra_for(initial.cov)
+    s0, s = alg.sqrt(initial.cov), alg.sqrt(conditionals.Q)
+    return sample_roots(key, alg, initial.mean, s0, conditionals.A, conditionals.b, s,
+                        partial(_logdet_sqrt, alg), reverse, parallel, unroll)  # fmt: skip
 
 
 def sample_chain(

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from jax import Array
 
 from .._algebra import DENSE
-from .._types import LinearGaussian, SmootherResult
-from ..smoothing import compose_scan
+from .._types import SmootherResult
+from ..sampling import sample_roots
 from ._types import SqrtDynamics, SqrtEmissions, SqrtGaussian, SqrtLinearGaussian
 from ._validate import canonicalize
 from .filtering import run
@@ -31,29 +31,8 @@ def _logdet_root(S: Array) -> Array:
 
 
 def _sample_one(key, initial: SqrtGaussian, conditionals: SqrtLinearGaussian, reverse, parallel):
-    T = conditionals.b.shape[0] + 1
-    d = initial.mean.shape[-1]
-    eps = jax.random.normal(key, (T, d), initial.mean.dtype)
-    e0, e_rest = (eps[-1], eps[:-1]) if reverse else (eps[0], eps[1:])
-    z0 = initial.mean + initial.chol @ e0
-    offsets = conditionals.b + jnp.einsum("tij,tj->ti", conditionals.chol, e_rest)
-    zero = jnp.zeros_like(initial.chol)
-    first = LinearGaussian(zero, z0, zero)
-    maps = LinearGaussian(conditionals.A, offsets, jnp.zeros_like(conditionals.chol))
-    cat = (
-        (lambda r, f: jnp.concatenate([r, f[None]]))
-        if reverse
-        else (lambda r, f: jnp.concatenate([f[None], r]))
-    )
-    elems = jax.tree.map(cat, maps, first)
-    (z,) = compose_scan(DENSE, elems, ("b",), parallel, reverse, 1)
-    log_prob = (
-        -0.5 * jnp.sum(eps * eps)
-        - 0.5 * T * d * _LOG_2PI
-        - _logdet_root(initial.chol)
-        - jnp.sum(_logdet_root(conditionals.chol))
-    )
-    return z, log_prob
+    return sample_roots(key, DENSE, initial.mean, initial.chol, conditionals.A, conditionals.b,
+                        conditionals.chol, _logdet_root, reverse, parallel, 1)  # fmt: skip
 
 
 def sample_chain(
