@@ -33,7 +33,10 @@ elementwise pass that reads the inputs and writes outputs of the same shapes and
 The tables print ``ours / hand-written`` and ``ours / floor`` beside the peer ratios.
 
 Each timed call returns the library's whole smoother output (for pssm that includes the lag-one
-cross-covariances and backward conditionals). Before timing, a float64 instance of every
+cross-covariances and backward conditionals), or with ``--outputs peer`` what dynamax returns
+(filtered and smoothed moments, cross-covariances, log-likelihood) from pssm and the references
+alike: inside ``jax.jit`` the unused outputs are dead code, so this times a user who needs what
+dynamax gives. Before timing, a float64 instance of every
 ``(d, structure)`` checks that all implementations agree on smoothed means, covariances and the
 log-likelihood. Compile time is reported apart from the median run time after one warm-up call.
 
@@ -161,7 +164,23 @@ def as_dense(model: Model) -> Model:
 # The implementations: fn(m0, P0, A, b, Q, R, w) on a batch, and what to compare from its output
 
 
-def _ours(parallel: bool, unroll: int = 1):
+class PeerOutputs(NamedTuple):
+    """What dynamax's smoother returns (``--outputs peer``): filtered and smoothed moments,
+    lag-one cross-covariances and the marginal log-likelihood."""
+
+    filtered_mean: object
+    filtered_cov: object
+    smoothed_mean: object
+    smoothed_cov: object
+    cross_cov: object
+    log_likelihood: object
+
+
+def _extract_peer(out: PeerOutputs):
+    return out.smoothed_mean, out.smoothed_cov, out.log_likelihood
+
+
+def _ours(parallel: bool, unroll: int = 1, outputs: str = "all"):
     import jax
 
     from inference import kalman
@@ -170,13 +189,20 @@ def _ours(parallel: bool, unroll: int = 1):
         prior, dynamics = kalman.Gaussian(m0, P0), kalman.Dynamics(A, b, Q)
 
         def one(w):
-            return kalman.smoother(
+            r = kalman.smoother(
                 prior, dynamics, kalman.Emissions(w, R), parallel=parallel, unroll=unroll
             )
+            if outputs == "all":
+                return r
+            # the rest is dead code for XLA: not computed where only outputs need it
+            f = r.filtered.filtered
+            return PeerOutputs(f.mean, f.cov, *r.smoothed, r.cross_cov, r.log_likelihood)
 
         return jax.vmap(one)(w)
 
     def extract(out):
+        if outputs == "peer":
+            return _extract_peer(out)
         return out.smoothed.mean, out.smoothed.cov, out.log_likelihood
 
     return fn, extract
@@ -243,11 +269,12 @@ def _cuthbert(parallel: bool):
     return fn, extract
 
 
-def _hand_written():
+def _hand_written(outputs: str = "all"):
     """A minimal elementwise Kalman filter and RTS smoother for the diag model: two
     ``lax.scan`` s, one fused predict/update and one fused RTS step per iteration, returning
-    what ``ours-seq`` returns (predicted, filtered, smoothed moments; per-step and total
-    log-likelihood; cross-covariances; backward conditionals ``(E, g, L)``)."""
+    what ``ours-seq`` returns (``outputs="all"``: predicted, filtered, smoothed moments;
+    per-step and total log-likelihood; cross-covariances; backward conditionals ``(E, g, L)``;
+    ``"peer"``: :class:`PeerOutputs`)."""
     import jax
     import jax.numpy as jnp
 
@@ -279,26 +306,33 @@ def _hand_written():
             _, out = jax.lax.scan(backward, (mf[-1], Pf[-1]), xs, reverse=True)
             ms, Ps, cross, E, g, L = out
             ms, Ps = jnp.concatenate([ms, mf[-1:]]), jnp.concatenate([Ps, Pf[-1:]])
+            if outputs == "peer":
+                return PeerOutputs(mf, Pf, ms, Ps, cross, jnp.sum(ll))
             return (mp, Pp, mf, Pf, ll, jnp.sum(ll)), (ms, Ps), cross, (E, g, L)
 
         return jax.vmap(one)(w)
 
     def extract(out):
+        if outputs == "peer":
+            return _extract_peer(out)
         return out[1][0], out[1][1], out[0][5]
 
     return fn, extract
 
 
-def _floor():
+def _floor(outputs: str = "all"):
     """The memory-traffic floor of ``ours-seq`` on the diag model: every output of the same
-    shape as pssm's (:func:`_hand_written`'s), each one elementwise expression of the inputs,
-    in one jitted program (XLA fuses them into a few loop passes): reads the inputs once and
-    writes the smoother's total output size, with no recursion."""
+    shape as pssm's (:func:`_hand_written`'s, for the same ``outputs``), each one elementwise
+    expression of the inputs, in one jitted program (XLA fuses them into a few loop passes):
+    reads the inputs once and writes the smoother's total output size, with no recursion."""
     import jax.numpy as jnp
 
     def fn(m0, P0, A, b, Q, R, w):
         now, nxt = w[:, :-1], w[:, 1:]
         ll = jnp.sum(w * w / R, axis=-1)
+        if outputs == "peer":
+            total = jnp.sum(ll, axis=-1)
+            return PeerOutputs(w * A + b, w * Q, w * R + b, w * P0 * Q, now * A * nxt, total)
         return (
             (w + m0, w * P0, w * A + b, w * Q, ll, jnp.sum(ll, axis=-1)),
             (w * R + b, w * P0 * Q),
@@ -307,21 +341,25 @@ def _floor():
         )
 
     def extract(out):
+        if outputs == "peer":
+            return _extract_peer(out)
         return out[1][0], out[1][1], out[0][5]
 
     return fn, extract
 
 
-def implementation(impl: str, unroll: int = 1):
-    """``(fn, extract)`` for an implementation name of :data:`IMPLS` or :data:`REFERENCES`."""
+def implementation(impl: str, unroll: int = 1, outputs: str = "all"):
+    """``(fn, extract)`` for an implementation name of :data:`IMPLS` or :data:`REFERENCES`;
+    ``outputs`` ("all" or "peer") selects what pssm and the references return (peers always
+    return their own smoother output)."""
     library, mode = impl.split("-")
     parallel = mode == "par"
     if library == "ours":
-        return _ours(parallel, unroll)
+        return _ours(parallel, unroll, outputs)
     if library == "hand":
-        return _hand_written()
+        return _hand_written(outputs)
     if library == "floor":
-        return _floor()
+        return _floor(outputs)
     return {"dynamax": _dynamax, "cuthbert": _cuthbert}[library](parallel)
 
 
@@ -390,7 +428,7 @@ def _time(job):
 
     impl, d, T, batch = job["impl"], job["d"], job["T"], job["batch"]
     unroll, budget, max_mem = job["unroll"], job["budget"], job["max_mem"]
-    fn, extract = implementation(impl, unroll)
+    fn, extract = implementation(impl, unroll, job["outputs"])
     compiled = None
     for structure in job["structures"]:
         base = dict(impl=impl, structure=structure, d=d, T=T, batch=batch, unroll=unroll)
@@ -718,6 +756,7 @@ def _meta(args, cmd):
         budget_s=args.budget,
         compile_budget_s=args.compile_budget,
         max_mem_gb=args.max_mem_gb,
+        outputs=args.outputs,
         xla_flags=os.environ.get("XLA_FLAGS"),
         openblas_threads=os.environ.get("OPENBLAS_NUM_THREADS"),
         nproc=os.environ.get("NPROC"),
@@ -776,6 +815,15 @@ def parse_args(argv=None):
         dest="references",
         action="store_false",
         help="do not time the hand-written smoother and the memory floor (diag model)",
+    )
+    p.add_argument(
+        "--outputs",
+        choices=("all", "peer"),
+        default="all",
+        help="what pssm's smoother and the references return in the timed calls: 'all' "
+        "(SmootherResult: predicted, filtered, smoothed moments, cross-covariances, backward "
+        "conditionals) or 'peer' (what dynamax returns: filtered and smoothed moments, "
+        "cross-covariances, log-likelihood; XLA drops the rest)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--show", type=Path, help="only print the tables of an earlier results file")
@@ -916,6 +964,7 @@ def _time_job(args, impl, d, T, structures, unroll, max_mem):
         batch=args.batch,
         structures=structures,
         unroll=unroll,
+        outputs=args.outputs,
         repeats=args.repeats,
         budget=args.budget,
         max_mem=max_mem,
