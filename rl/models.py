@@ -10,8 +10,10 @@ and EKVAE.
 
 A model of one's own needs no line here: ``pssm run --model my_package.my_module:factory``
 imports ``factory`` and calls ``factory(obs_dims, action_dim, seed=seed)``, which returns a
-``WorldModel`` or a pair ``(model, objective)`` of a model offering a belief step with a
-reward head (:mod:`pssm.belief`) and its :class:`inference.training.Objective`.
+:class:`rl.world_model.ModelParts` (model, guide, ELBO: trained as the registry's models are,
+per-pixel masks and ``reconstruction=false`` included), a ``WorldModel``, or a pair
+``(model, objective)`` of a model offering a belief step with a reward head
+(:mod:`pssm.belief`) and its :class:`inference.training.Objective`.
 """
 
 import importlib
@@ -156,7 +158,13 @@ def parts(
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     builder, kwargs = MODELS[name](settings)
     made = builder(obs_dims, int(action_dim), **{**kwargs, "seed": int(seed), **overrides})
-    if not settings.get("reconstruction", True):  # the reward-only baseline (VRKN Fig. 6)
+    return with_settings(made, settings)
+
+
+def with_settings(made: ModelParts, settings: dict) -> ModelParts:
+    """``made`` as the run's settings train it: with ``reconstruction=False`` the reward-only
+    baseline (VRKN Fig. 6)."""
+    if not settings.get("reconstruction", True):
         made = made._replace(model=without_reconstruction(made.model))
     return made
 
@@ -169,13 +177,16 @@ def build(name: str, obs_dims, action_dim: int, settings: dict, seed: int = 0) -
         if int(action_dim) < 1:
             raise ValueError(f"a world model needs actions, got action_dim={action_dim}")
         return from_parts(parts(name, obs_dims, action_dim, settings, seed))
-    if not settings.get("reconstruction", True):
-        raise ValueError(f"reconstruction=false needs a registry model: {name} builds its own "
-                         "objective (use pssm.inputs.without_reconstruction there)")  # fmt: skip
     made = load_factory(name)(obs_dims, int(action_dim), seed=int(seed))
+    if isinstance(made, ModelParts):  # trained and masked as the registry's models are
+        return from_parts(with_settings(made, settings))
+    if not settings.get("reconstruction", True):
+        raise ValueError(f"reconstruction=false needs a registry model or a factory returning "
+                         f"rl.world_model.ModelParts: {name} returned its own objective "
+                         "(use pssm.inputs.without_reconstruction there)")  # fmt: skip
     if isinstance(made, WorldModel):
         return made
     if isinstance(made, tuple) and len(made) == 2:
         return belief_world_model(*made)
-    raise TypeError(f"{name} returned {type(made).__name__}: expected a WorldModel or a pair "
-                    "(model, objective)")  # fmt: skip
+    raise TypeError(f"{name} returned {type(made).__name__}: expected rl.world_model.ModelParts, "
+                    "a WorldModel or a pair (model, objective)")  # fmt: skip

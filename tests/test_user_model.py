@@ -28,7 +28,7 @@ from pssm.rssm import score_rewards
 from rl import runner
 from rl.config import ConfigError, RunConfig, check
 from rl.models import build
-from rl.world_model import filter_sequence
+from rl.world_model import ModelParts, filter_sequence
 
 D = 3
 
@@ -93,6 +93,39 @@ def factory(obs_dims, action_dim, seed=0):
     """What ``--model tests.test_user_model:factory`` calls: the model and its objective."""
     model = user_model(int(obs_dims), action_dim, seed)
     return model, elbo_objective(model, guides.kalman_smoothing(model), TraceMeanField_ELBO())
+
+
+def parts_factory(obs_dims, action_dim, seed=0):
+    """The same model as its parts: the runner trains it as it trains the registry's models."""
+    model = user_model(int(obs_dims), action_dim, seed)
+    return ModelParts(model, guides.kalman_smoothing(model), TraceMeanField_ELBO())
+
+
+def test_a_factory_returning_parts_gets_the_run_settings():
+    """``reconstruction=false`` reaches a user's model given as parts: the observation term
+    leaves the loss (the decoder gets no gradient, the full model's does); a factory that
+    returns its own objective cannot honour it and is refused."""
+    rng = np.random.default_rng(0)
+    batch = {"obs": jnp.asarray(rng.normal(size=(2, 5, 2)), jnp.float32),
+             "actions": jnp.asarray(rng.normal(size=(2, 5, 1)), jnp.float32),
+             "rewards": jnp.asarray(rng.normal(size=(2, 5)), jnp.float32),
+             "mask": jnp.ones((2, 5), bool)}  # fmt: skip
+    path = "tests.test_user_model:parts_factory"
+    full, reward_only = build(path, 2, 1, {}), build(path, 2, 1, {"reconstruction": False})
+    key = jax.random.key(0)
+    params, aux = full.objective.init(key, batch)
+    jax.eval_shape(reward_only.objective.init, key, batch)  # readies its constrain
+
+    def grads(wm):
+        return jax.grad(lambda p: wm.objective.loss(p, aux, key, batch)[0])(params)
+
+    g_full, g_ro = grads(full), grads(reward_only)
+    decoder = [k for k in params if "decoder" in k]
+    assert decoder
+    assert all(any(jnp.any(x != 0) for x in jax.tree.leaves(g_full[k])) for k in decoder)
+    assert not any(jnp.any(x != 0) for k in decoder for x in jax.tree.leaves(g_ro[k]))
+    with pytest.raises(ValueError, match="reconstruction=false"):
+        build("tests.test_user_model:factory", 2, 1, {"reconstruction": False})
 
 
 def test_the_belief_step_filters_as_the_kalman_guide_does():
