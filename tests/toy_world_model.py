@@ -6,11 +6,11 @@ Diagonal linear-Gaussian latent with one action per latent dimension (``d = u``)
     o_t = z_t + v_t,  v_t ~ N(0, diag(r)),     reward of arriving in z:  -|z - target|^2
 
 (elementwise products). The belief is the Gaussian ``N(mean, diag(var))``; ``observe`` is the
-exact Kalman update; ``imagine`` is the Kalman prediction whose mean also receives a sample of
-the process noise scaled by ``noise`` (``noise = 0``: the exact, deterministic prediction);
-features are the belief mean. The objective is the exact negative log-likelihood
-``-log p(o_{0:T-1} | a)`` of the observations, averaged over the batch (prediction-error
-decomposition of the Kalman filter).
+exact Kalman update (``inference.kalman.update``); ``imagine`` is the Kalman prediction
+(``inference.kalman.predict``) whose mean also receives a sample of the process noise scaled
+by ``noise`` (``noise = 0``: the exact, deterministic prediction); features are the belief
+mean. The objective is the exact negative log-likelihood ``-log p(o_{0:T-1} | a)`` of the
+observations, averaged over the batch (prediction-error decomposition of the Kalman filter).
 """
 
 from typing import NamedTuple
@@ -18,10 +18,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from inference import kalman
 from inference.training import Objective
 from rl.world_model import WorldModel
-
-LOG_2PI = float(jnp.log(2 * jnp.pi))
 
 
 class ToyBelief(NamedTuple):
@@ -101,20 +100,20 @@ def toy_world_model(
 
     def observe(params, key, belief, obs, mask=None):
         del key
-        gain = belief.var / (belief.var + params["r"])
-        mean = belief.mean + gain * (obs - belief.mean)
-        var = (1.0 - gain) * belief.var
-        if mask is None:
-            return ToyBelief(mean, var)
-        m = jnp.asarray(mask, bool).reshape(mask.shape[0], -1)
-        return ToyBelief(jnp.where(m, mean, belief.mean), jnp.where(m, var, belief.var))
+        r = jnp.broadcast_to(params["r"], obs.shape)
+        return ToyBelief(*kalman.update(kalman.Gaussian(*belief), obs, r, mask)[0])
+
+    def predict(params, belief, action):
+        dynamics = kalman.Dynamics(params["A"], params["B"] * action, params["q"])
+        return ToyBelief(*kalman.predict(kalman.Gaussian(*belief), dynamics))
 
     def imagine(params, key, belief, action):
-        mean = params["A"] * belief.mean + params["B"] * action
-        if noise:
-            shape = mean.shape[-1:] if shared_noise else mean.shape
-            mean = mean + noise * jnp.sqrt(params["q"]) * jax.random.normal(key, shape)
-        return ToyBelief(mean, params["A"] ** 2 * belief.var + params["q"])
+        pred = predict(params, belief, action)
+        if not noise:
+            return pred
+        shape = pred.mean.shape[-1:] if shared_noise else pred.mean.shape
+        sample = noise * jnp.sqrt(params["q"]) * jax.random.normal(key, shape)
+        return pred._replace(mean=pred.mean + sample)
 
     def features(params, belief):
         return belief.mean
@@ -130,13 +129,9 @@ def toy_world_model(
 
         def step(b, xs):
             o, a, m = xs
-            S = b.var + params["r"]
-            ll = -0.5 * jnp.sum(LOG_2PI + jnp.log(S) + (o - b.mean) ** 2 / S, axis=-1)
-            b = observe(params, None, b, o, m)
-            pred = ToyBelief(
-                params["A"] * b.mean + params["B"] * a, params["A"] ** 2 * b.var + params["q"]
-            )
-            return pred, jnp.where(m, ll, 0.0)
+            r = jnp.broadcast_to(params["r"], o.shape)
+            post, ll = kalman.update(kalman.Gaussian(*b), o, r, m)
+            return predict(params, post, a), ll
 
         xs = (jnp.moveaxis(obs, 1, 0), jnp.moveaxis(actions, 1, 0), jnp.moveaxis(mask, 1, 0))
         _, ll = jax.lax.scan(step, init_belief(params, Bsz), xs)
