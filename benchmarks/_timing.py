@@ -5,6 +5,7 @@ Two pieces:
 - :func:`benchmark`: compile time measured apart (``jax.jit(fn).lower(*args).compile()``), one
   warm-up call, then the median (and minimum) of timed repeats, each ended by
   ``jax.block_until_ready``. Repeats are cut short when a time budget would be exceeded.
+  :func:`interleaved` times several compiled functions in rounds, each called once per round.
 - :class:`Worker`: runs jobs in a separate process with a hard time limit, so that one
   pathological configuration (an XLA call cannot be interrupted from Python) is killed and
   reported as skipped instead of hanging the whole benchmark.
@@ -88,6 +89,19 @@ def time_compiled(
     warmup = warm_up(compiled, *args)
     times, out = repeat(compiled, *args, repeats=repeats, budget_s=budget_s, warmup_s=warmup)
     return warmup, times, out
+
+
+def interleaved(calls: dict[str, tuple[Any, tuple]], repeats: int) -> dict[str, tuple[float, ...]]:
+    """Seconds of ``repeats`` rounds that call each compiled function of ``calls``
+    (``{name: (compiled, args)}``, warmed up) once in turn: on a shared machine the load varies
+    alike for all of them, so ratios of the same run compare like with like."""
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (compiled, args) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: tuple(t) for name, t in times.items()}
 
 
 @contextlib.contextmanager

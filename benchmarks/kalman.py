@@ -36,9 +36,12 @@ Each timed call returns the library's whole smoother output (for pssm that inclu
 cross-covariances and backward conditionals), or with ``--outputs peer`` what dynamax returns
 (filtered and smoothed moments, cross-covariances, log-likelihood) from pssm and the references
 alike: inside ``jax.jit`` the unused outputs are dead code, so this times a user who needs what
-dynamax gives. Before timing, a float64 instance of every
-``(d, structure)`` checks that all implementations agree on smoothed means, covariances and the
-log-likelihood. Compile time is reported apart from the median run time after one warm-up call.
+dynamax gives. With ``--interleave`` all implementations of one ``(structure, d, T)`` are
+compiled and warmed up in one worker and timed in rounds that call each once in turn, so that
+a shared machine's varying load falls alike on all of them. Before timing, a float64 instance
+of every ``(d, structure)`` checks that all implementations agree on smoothed means,
+covariances and the log-likelihood. Compile time is reported apart from the median run time
+after one warm-up call.
 
 Configurations run in a separate worker process under a hard time limit. A configuration is
 skipped, with the reason printed, when a smaller one of the same implementation was skipped,
@@ -467,11 +470,51 @@ def _time(job):
         }
 
 
+def _interleave(job):
+    """``--interleave``: every implementation of ``job["impls"]`` on one (structure, d, T),
+    compiled and warmed up in this process, then timed in rounds that call each once in turn
+    (:func:`benchmarks._timing.interleaved`); one record per implementation, as :func:`_time`'s."""
+    import jax.numpy as jnp
+
+    from benchmarks import _timing
+
+    d, T, batch, structure = job["d"], job["T"], job["batch"], job["structure"]
+    model = make_model(structure, d, T, batch)
+    calls, done = {}, {}
+    for impl in job["impls"]:
+        base = dict(impl=impl, structure=structure, d=d, T=T, batch=batch, unroll=1)
+        fn, extract = implementation(impl, 1, job["outputs"])
+        args = arguments(impl, model, jnp.float32)
+        yield {"start": impl, "phase": "compile", "allow_s": job["compile_budget"]}
+        compiled, compile_s = _timing.compile_timed(fn, *args)
+        mem = _timing.memory_bytes(compiled)
+        if mem is not None and mem > job["max_mem"]:
+            reason = f"XLA estimates {mem / 2**30:.1f} GiB > {job['max_mem'] / 2**30:.1f} GiB"
+            yield {"record": dict(base, status="skipped", reason=reason)}
+            continue
+        yield {"start": impl, "phase": "warm-up", "allow_s": job["budget"] + 10.0}
+        calls[impl] = (compiled, args)
+        done[impl] = (base, extract, compile_s, _timing.warm_up(compiled, *args), mem)
+    round_s = sum(warmup for _, _, _, warmup, _ in done.values())
+    yield {"warmup_s": round_s, "allow_s": 3.0 * job["repeats"] * round_s + 60.0}
+    load = os.getloadavg()[0]
+    times = _timing.interleaved(calls, job["repeats"])
+    for impl, (compiled, args) in calls.items():
+        base, extract, compile_s, warmup, mem = done[impl]
+        ll = float(jnp.mean(jnp.asarray(extract(compiled(*args))[2])))
+        t = times[impl]
+        record = dict(base, status="ok", compile_s=compile_s, warmup_s=warmup, times_s=list(t))
+        record.update(median_s=statistics.median(t), min_s=min(t), memory_bytes=mem)
+        yield {"record": dict(record, loadavg=load, mean_loglik=ll, interleaved=True)}
+
+
 def handle(job: dict):
     """Worker entry point: a generator of messages for one job."""
     warnings.filterwarnings("ignore", message=".*Emission covariance has shape.*")
     if job["kind"] == "accuracy":
         yield from _accuracy(job)
+    elif job["kind"] == "interleave":
+        yield from _interleave(job)
     else:
         yield from _time(job)
 
@@ -577,6 +620,35 @@ def run_job(worker, job, structures, base, printer, retries=2):
             records.append(rec)
             printer(rec)
         pending = []
+    return records
+
+
+def run_interleaved_job(worker, job, printer, retries=2):
+    """Run an ``--interleave`` job; every implementation gets a record (ok or skipped), the
+    job retried in a fresh process after a deadlock as :func:`run_job` does."""
+    for attempt in range(retries + 1):
+        records, stop, phase = [], None, "starting"
+        for msg in worker.run(job):
+            if "record" in msg:
+                records.append(msg["record"])
+            elif "start" in msg:
+                phase = f"{msg['phase']} of {msg['start']}"
+            elif "warmup_s" in msg:
+                phase = "interleaved timed calls"
+            elif {"timeout", "stalled", "died", "error"} & msg.keys():
+                stop = msg
+        if stop is None or "stalled" not in stop or attempt == retries:
+            break
+        print(f"  d={job['d']} T={job['T']}: worker deadlocked ({phase}), retrying", flush=True)
+    got = {r["impl"] for r in records}
+    for impl in job["impls"]:
+        if impl not in got:
+            why = ", ".join(f"{k} {v}" for k, v in (stop or {}).items())
+            base = dict(impl=impl, structure=job["structure"], d=job["d"], T=job["T"])
+            records.append(dict(base, batch=job["batch"], unroll=1, status="skipped",
+                                reason=f"{why or 'no record'} ({phase})"))  # fmt: skip
+    for r in records:
+        printer(r)
     return records
 
 
@@ -757,6 +829,7 @@ def _meta(args, cmd):
         compile_budget_s=args.compile_budget,
         max_mem_gb=args.max_mem_gb,
         outputs=args.outputs,
+        interleave=args.interleave,
         xla_flags=os.environ.get("XLA_FLAGS"),
         openblas_threads=os.environ.get("OPENBLAS_NUM_THREADS"),
         nproc=os.environ.get("NPROC"),
@@ -824,6 +897,13 @@ def parse_args(argv=None):
         "(SmootherResult: predicted, filtered, smoothed moments, cross-covariances, backward "
         "conditionals) or 'peer' (what dynamax returns: filtered and smoothed moments, "
         "cross-covariances, log-likelihood; XLA drops the rest)",
+    )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time all implementations of one (structure, d, T) in one process, in rounds that "
+        "call each once in turn (ratios robust to a shared machine's varying load; no "
+        "extrapolated skips, only XLA's memory estimate)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--show", type=Path, help="only print the tables of an earlier results file")
@@ -898,6 +978,13 @@ def main(argv=None):
         )
         for d in args.d:
             for T in args.T:
+                if args.interleave:
+                    for s in args.structures:
+                        refs = list(REFERENCES if args.references and s == "diag" else ())
+                        job = _time_job(args, None, d, T, [s], 1, max_mem)
+                        job.update(kind="interleave", impls=args.impls + refs, structure=s)
+                        results["timings"] += run_interleaved_job(worker, job, _print_record)
+                    continue
                 for impl in args.impls + list(REFERENCES if args.references else ()):
                     base = dict(impl=impl, d=d, T=T, batch=args.batch, unroll=1)
                     todo = []

@@ -32,7 +32,6 @@ and the glibc ``MALLOC_*`` thresholds (fresh output buffers otherwise page-fault
 import argparse
 import os
 import sys
-import time
 
 from benchmarks.kalman import CPU_WORKAROUND_FLAG, CPU_WORKAROUND_POOL, MALLOC_ENV
 
@@ -119,25 +118,19 @@ def time_all(d: int, T: int, batch: int, repeats: int, impls) -> dict:
     """``{impl: benchmarks._timing.Timing}`` on the float32 dense model: every implementation
     compiled (timed apart) and called once to warm up, then ``repeats`` rounds that call each
     once in turn, so that the load of the shared machine varies alike for all of them."""
-    import jax
     import jax.numpy as jnp
 
     from benchmarks import _timing
     from benchmarks.kalman import make_model
 
     args = tuple(jnp.asarray(x, jnp.float32) for x in make_model("dense", d, T, batch))
-    compiled, compile_s, warmup_s, times = {}, {}, {}, {impl: [] for impl in impls}
+    compiled, compile_s, warmup_s = {}, {}, {}
     for impl in impls:
         compiled[impl], compile_s[impl] = _timing.compile_timed(implementation(impl)[0], *args)
         warmup_s[impl] = _timing.warm_up(compiled[impl], *args)
-    for _ in range(repeats):
-        for impl in impls:
-            start = time.perf_counter()
-            jax.block_until_ready(compiled[impl](*args))
-            times[impl].append(time.perf_counter() - start)
+    times = _timing.interleaved({impl: (compiled[impl], args) for impl in impls}, repeats)
     out = {
-        impl: _timing.Timing(compile_s[impl], warmup_s[impl], tuple(times[impl]), None)
-        for impl in impls
+        impl: _timing.Timing(compile_s[impl], warmup_s[impl], times[impl], None) for impl in impls
     }
     for impl, t in out.items():
         print(
