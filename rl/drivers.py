@@ -119,10 +119,9 @@ def random_driver(action_dim: int) -> Driver:
 
 # ----------------------------------------------------------------------------- SAC (states)
 def sac_config(settings: dict):
-    """The run's :class:`rl.agents.sac.SACConfig`: the preset's ``sac`` entry with two hidden
-    layers of ``hidden`` units (:mod:`rl.presets`)."""
-    h = int(settings["hidden"])
-    return settings["sac"]._replace(hidden=(h, h))
+    """The run's :class:`rl.agents.sac.SACConfig`: the preset's ``sac`` entry with
+    ``sac_layers`` hidden layers of ``hidden`` units (:mod:`rl.presets`)."""
+    return settings["sac"]._replace(hidden=(int(settings["hidden"]),) * int(settings["sac_layers"]))
 
 
 def sac_driver(settings: dict, obs_dim: int, action_dim: int) -> Driver:

@@ -1,10 +1,11 @@
 """Run settings as data: the CPU and GPU presets, and a run's overrides on top of them.
 
-A run's settings are, in order: the preset's ``"*"`` entries, the preset's entries for the run's
-agent, then for its model (where they depart from the rest), then the run's ``--set
-name=value`` overrides (:attr:`rl.config.RunConfig.overrides`). ``planet.<field>`` and
-``dreamer.<field>`` overrides set fields of the preset's :class:`rl.agents.planet.PlanetConfig`
-/ :class:`rl.agents.dreamer.DreamerConfig`. Who reads what: the world-model trainer
+A run's settings are, in order: the preset's ``"*"`` entries, its ``"images"`` entries when the
+run observes images (``obs`` pixels or both), its entries for the run's agent, then for its
+model (where they depart from the rest), then the run's ``--set name=value`` overrides
+(:attr:`rl.config.RunConfig.overrides`). ``planet.<field>`` and ``dreamer.<field>`` overrides
+set fields of the preset's :class:`rl.agents.planet.PlanetConfig` /
+:class:`rl.agents.dreamer.DreamerConfig`. Who reads what: the world-model trainer
 (``model_lr``, ``model_batch``, ``seq_len``, ``model_pool``), the model registry
 (:mod:`rl.models`: ``latent``, ``model_hidden``, ``stoch``, ``deter``, ``conv_depth``,
 ``d_model``, ``d_state``, ``mc_dropout``, ``features``, ``objective``: ``"paper"`` by default,
@@ -12,17 +13,17 @@ the KalMamba paper's Table 2 training of RSSM, VRKN and KalMamba: KL balancing 0
 and free nats 3, :data:`rl.models.PAPER_OBJECTIVE`; ``"free-nats"``: free nats 3 without
 balancing, as the VRKN paper; ``"elbo"``: the plain ELBO; ``reconstruction``: ``false`` trains
 the reward-only baseline of the VRKN paper's Fig. 6, no reconstruction term,
-:func:`pssm.inputs.without_reconstruction`), the agents
-(``hidden``: the width of SAC's two hidden layers, ``sac``: the rest of its
+:func:`pssm.inputs.without_reconstruction`), the agents (``hidden``: the width of SAC's hidden
+layers, ``sac_layers``: their number, ``sac``: the rest of its
 :class:`rl.agents.sac.SACConfig`, ``batch_size``, ``start_batch``, ``planet``, ``dreamer``;
 ``sac.<field>`` overrides work as ``planet.<field>``, except ``sac.hidden``: set ``hidden``).
 
 The GPU preset is the KalMamba paper's setting (Becker, Freymuth & Neumann 2024, App. D,
-Table 2 for the world models, Table 3 for SAC, the low-dimensional column); the RSSM's width and
-the Dreamer and PlaNet agents keep their own papers' values (Table 2: "for all other
-hyperparameters, we use the defaults from Hafner et al. (2020) and Becker & Neumann (2022)").
-The CPU preset keeps the same objective and SAC settings at sizes that train in minutes on two
-cores.
+Table 2 for the world models, Table 3 for SAC: its low-dimensional column, and its image-based
+column for runs that observe images); the RSSM's width and the Dreamer and PlaNet agents keep
+their own papers' values (Table 2: "for all other hyperparameters, we use the defaults from
+Hafner et al. (2020) and Becker & Neumann (2022)"). The CPU preset keeps the same objective and
+SAC settings at sizes that train in minutes on two cores.
 """
 
 import jax
@@ -37,7 +38,10 @@ from rl.agents.sac import SACConfig
 SAC_TABLE3 = SACConfig(activation=jax.nn.relu, actor_lr=3e-4, critic_lr=3e-4, alpha_lr=3e-4,
                        tau=0.005, target_entropy=None, init_alpha=0.1, discount=0.99)  # fmt: skip
 
-_SHARED = {"hidden": 256, "model_pool": 4, "model_lr": 1e-3, "start_batch": 8,
+#: ... and its image-based column: 3x1024 ELU actor and critics, the rest as above
+SAC_TABLE3_IMAGES = SAC_TABLE3._replace(activation=jax.nn.elu)
+
+_SHARED = {"hidden": 256, "sac_layers": 2, "model_pool": 4, "model_lr": 1e-3, "start_batch": 8,
            "mc_dropout": True, "features": "mean", "objective": "paper",
            "reconstruction": True, "sac": SAC_TABLE3}  # fmt: skip
 
@@ -82,6 +86,8 @@ PRESETS: dict[str, dict[str, dict]] = {
             "planet": PlanetConfig(),
             "dreamer": DreamerConfig(),
         },  # fmt: skip
+        # Table 3, image-based DMC (any run that observes images)
+        "images": {"hidden": 1024, "sac_layers": 3, "sac": SAC_TABLE3_IMAGES},
         # Dreamer and PlaNet as VRKN trains them (model lr 6e-4 / 1e-3, sequences of 50)
         "dreamer": {"model_lr": 6e-4, "seq_len": 50},
         "planet": {"model_lr": 1e-3, "seq_len": 50},
@@ -115,7 +121,8 @@ def settings(cfg) -> dict:
     """The settings of run ``cfg`` (preset, agent, model, overrides; see the module docstring)."""
     check_overrides(cfg.overrides)
     preset = PRESETS[cfg.preset]
-    out = {**preset["*"], **preset.get(cfg.agent, {}), **preset.get(cfg.model, {})}
+    images = preset.get("images", {}) if cfg.obs != "states" else {}
+    out = {**preset["*"], **images, **preset.get(cfg.agent, {}), **preset.get(cfg.model, {})}
     for name, value in cfg.overrides:
         prefix, _, field = name.partition(".")
         if not field:

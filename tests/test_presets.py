@@ -28,13 +28,30 @@ TABLE_3 = {"hidden": (256, 256), "activation": jax.nn.relu, "actor_lr": 3e-4, "c
            "alpha_lr": 3e-4, "tau": 0.005, "target_entropy": None, "init_alpha": 0.1,
            "discount": 0.99}  # fmt: skip
 
+#: ... and Table 3's image-based column: 3x1024 ELU, the rest as the low-dimensional one
+TABLE_3_IMAGES = {**TABLE_3, "hidden": (1024, 1024, 1024), "activation": jax.nn.elu}
+
 FAMILY = {"rssm": "rssm", "rssm-mcd": "rssm", "rssm-smoothing": "rssm",
           "rssm-smoothing-mcd": "rssm", "vrkn": "vrkn", "vrkn-nomcd": "vrkn",
           "kalmamba": "kalmamba"}  # fmt: skip
 
 
-def _settings(agent="sac-belief", model="kalmamba", preset="gpu", overrides=()):
-    return settings(RunConfig(agent=agent, model=model, preset=preset, overrides=overrides))
+def _settings(agent="sac-belief", model="kalmamba", preset="gpu", overrides=(), obs="states"):
+    return settings(
+        RunConfig(agent=agent, model=model, preset=preset, overrides=overrides, obs=obs)
+    )
+
+
+@pytest.mark.parametrize("obs", ["pixels", "both"])
+def test_gpu_preset_gives_sac_on_images_table_3s_image_column(obs):
+    """A run that observes images gets Table 3's image-based SAC; the world model's settings
+    stay Table 2's; a run may still set the layers (``--set sac_layers=2``)."""
+    s = _settings(obs=obs)
+    assert {k: getattr(sac_config(s), k) for k in TABLE_3_IMAGES} == TABLE_3_IMAGES
+    assert {k: s[k] for k in TABLE_2} == TABLE_2
+    assert sac_config(_settings(obs=obs, overrides=(("sac_layers", 2),))).hidden == (1024, 1024)
+    cpu = sac_config(_settings(obs=obs, preset="cpu"))  # the CPU preset keeps its small SAC
+    assert cpu.hidden == (256, 256) and cpu.activation is jax.nn.relu
 
 
 def test_gpu_preset_is_the_kalmamba_papers_tables_2_and_3():
