@@ -853,6 +853,7 @@ def parse_args(argv=None):
         help="comma-separated subset of dynamax,cuthbert; 'none' for ours only",
     )
     p.add_argument("--structures", default="diag,dense", help="comma-separated: diag,dense")
+    p.add_argument("--modes", default="seq,par", help="comma-separated: seq,par")
     p.add_argument(
         "--budget", type=float, help="seconds of run time per configuration (default 60, quick 10)"
     )
@@ -920,7 +921,14 @@ def parse_args(argv=None):
     unknown = set(peers) - {"dynamax", "cuthbert"}
     if unknown:
         p.error(f"unknown peers {sorted(unknown)}")
-    args.impls = [i for i in IMPLS if i.startswith("ours") or i.split("-")[0] in peers]
+    modes = {m.strip() for m in args.modes.split(",") if m.strip()}
+    if not modes or modes - {"seq", "par"}:
+        p.error("--modes must be among seq,par")
+    args.impls = [
+        i
+        for i in IMPLS
+        if (i.startswith("ours") or i.split("-")[0] in peers) and i.split("-")[1] in modes
+    ]
     args.structures = [s.strip() for s in args.structures.split(",")]
     if set(args.structures) - set(STRUCTURES):
         p.error(f"--structures must be among {STRUCTURES}")
@@ -966,7 +974,8 @@ def main(argv=None):
                         structure=structure,
                         T=8,
                         batch=2,
-                        impls=args.impls + (["hand-seq"] if structure == "diag" else []),
+                        impls=[i for i in IMPLS if i in args.impls or i == "ours-seq"]
+                        + (["hand-seq"] if structure == "diag" else []),
                         allow_s=args.compile_budget * (len(args.impls) + 1),
                     )
                     results["accuracy"] += run_accuracy_job(worker, job)
