@@ -109,12 +109,35 @@ def check_overrides(overrides) -> None:
     for name, value in overrides:
         prefix, _, field = name.partition(".")
         if name == "sac.hidden":
-            raise ValueError("override sac.hidden: set hidden (the width of both layers)")
+            raise ValueError(
+                "override sac.hidden: set hidden (the width of each layer) and "
+                "sac_layers (their number)"
+            )
         if name not in SETTINGS and field not in getattr(base.get(prefix), "_fields", ()):
             raise ValueError(f"unknown override {name!r}; known: {SETTINGS} and planet.<field>, "
                              "dreamer.<field>, sac.<field>")  # fmt: skip
         if name in CHOICES and value not in CHOICES[name]:
             raise ValueError(f"override {name}={value!r}: choose from {CHOICES[name]}")
+        if name in SETTINGS:
+            _check_value(name, base[name], value)
+
+
+def _check_value(name: str, default, value) -> None:
+    """``ValueError`` unless ``value`` can stand where the preset has ``default``: a size or
+    count (an ``int`` there) must be an integer >= 1, a rate (a ``float``) a positive number, a
+    switch (a ``bool``) true or false. (Fields of the agents' configurations are not checked
+    here: some of their numbers may be zero.)"""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = number and isinstance(value, int) and value >= 1, "an integer >= 1"
+    elif isinstance(default, float):
+        ok, want = number and value > 0, "a positive number"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"override {name}={value!r}: must be {want}")
 
 
 def settings(cfg) -> dict:

@@ -96,3 +96,22 @@ def test_objective_and_sac_settings_are_checked_overrides():
     assert sac_config(s).actor_lr == 3e-4  # the rest stays Table 3's
     with pytest.raises(ConfigError, match="hidden"):
         check(RunConfig(overrides=(("sac.hidden", 64),)))
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("hidden", 0), ("sac_layers", 1.5), ("latent", True), ("model_lr", -1e-3), ("model_lr", "x"),
+     ("mc_dropout", "yes"), ("seq_len", -4)],
+)  # fmt: skip
+def test_a_setting_with_a_value_it_cannot_take_is_a_config_error(name, value):
+    with pytest.raises(ConfigError, match=f"{name}={value!r}: must be"):
+        check(RunConfig(overrides=((name, value),)))
+
+
+def test_settings_take_values_of_their_kind():
+    cfg = RunConfig(
+        overrides=(("hidden", 64), ("sac_layers", 3), ("model_lr", 1), ("mc_dropout", False))
+    )
+    check(cfg)
+    s = settings(cfg)
+    assert (s["hidden"], s["sac_layers"], s["model_lr"], s["mc_dropout"]) == (64, 3, 1, False)
