@@ -95,9 +95,9 @@ def prepare_inputs(obs_dims, action_dim: int, obs, actions=None, mask=None) -> I
     ``obs`` is an array ``(B, T, *shape)`` when ``obs_dims`` is one modality's shape (an int
     ``p`` or a tuple such as ``(H, W, C)``), else a dict with the same keys (in any order);
     ``mask`` is ``None``, ``(B, T)`` (one flag per step, for every modality) or ``(B, T, K)`` in
-    the key order of ``obs_dims``. Raises ``ValueError`` for
-    shape mismatches, missing or unexpected actions, and NaN/inf in observations not marked
-    missing (when concrete).
+    the key order of ``obs_dims``; for a model without actions, zero-width ``actions``
+    ``(B, T, 0)`` count as none. Raises ``ValueError`` for shape mismatches, missing or
+    unexpected actions, and NaN/inf in observations not marked missing (when concrete).
     """
     dims = modalities(obs_dims)
     names = list(dims)
@@ -119,6 +119,8 @@ def prepare_inputs(obs_dims, action_dim: int, obs, actions=None, mask=None) -> I
     B, T = first[:2]
     if action_dim and actions is None:
         raise ValueError(f"this model takes actions: pass an array ({B}, {T}, {action_dim})")
+    if not action_dim and actions is not None and jnp.shape(actions)[-1:] == (0,):
+        actions = None  # zero-width actions (B, T, 0) are no actions
     if not action_dim and actions is not None:
         raise ValueError("this model was built with action_dim=0 but was given actions")
     K = len(names)

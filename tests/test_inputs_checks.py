@@ -374,3 +374,27 @@ def test_the_single_kalman_step_reads_every_mask_shape():
     np.testing.assert_allclose(ll, ll1)
     per_entry = jnp.broadcast_to(per_sensor[..., None], (B, K, d))
     np.testing.assert_allclose(kalman.update(belief, w, R, per_entry)[0].mean, first.mean)
+
+
+def test_zero_width_actions_are_no_actions_for_a_model_without_actions():
+    """``inference.evaluation`` passes ``(B, T, 0)`` actions to an action-free world model:
+    KalMamba's whole-sequence filter takes them as none (it raised, and
+    ``examples.pendulum_sysid --models kalmamba`` failed after training); real actions are
+    still refused."""
+    from inference.evaluation import filter_beliefs
+    from pssm.inputs import prepare_inputs
+    from rl.world_model import from_parts
+    from rl.world_models.kalmamba import kalmamba_parts
+
+    obs = np.random.default_rng(0).normal(size=(2, 5, 3)).astype(np.float32)
+    assert prepare_inputs(3, 0, obs, np.zeros((2, 5, 0), np.float32)).actions is None
+    with pytest.raises(ValueError, match="action_dim=0"):
+        prepare_inputs(3, 0, obs, np.zeros((2, 5, 1), np.float32))
+    made = kalmamba_parts(3, 0, reward=False, latent_dim=4, hidden=(8,), d_model=8, d_state=4)
+    wm = from_parts(made)
+    batch = {"obs": obs, "mask": np.ones((2, 5), bool)}
+    params, _ = wm.objective.init(jax.random.key(0), batch)
+    params = wm.objective.constrain(params)
+    none = filter_beliefs(wm, params, jax.random.key(1), obs, None)
+    empty = filter_beliefs(wm, params, jax.random.key(1), obs, np.zeros((2, 5, 0), np.float32))
+    np.testing.assert_array_equal(np.asarray(none.mean), np.asarray(empty.mean))
