@@ -442,7 +442,7 @@ def _time(job):
             mem = _timing.memory_bytes(compiled)
             if mem is not None and mem > max_mem:
                 for s in job["structures"][job["structures"].index(structure) :]:
-                    reason = f"XLA estimates {mem / 2**30:.1f} GiB > {max_mem / 2**30:.1f} GiB"
+                    reason = _max_mem_reason(mem, max_mem)
                     yield {"record": dict(base, structure=s, status="skipped", reason=reason)}
                 return
         yield {"start": structure, "phase": "warm-up", "allow_s": budget + 10.0}
@@ -454,20 +454,20 @@ def _time(job):
         )
         ll = float(jnp.mean(jnp.asarray(extract(out)[2])))
         yield {
-            "record": dict(
-                base,
-                status="ok",
-                compile_s=compile_s,
-                warmup_s=warmup,
-                times_s=list(times),
-                median_s=statistics.median(times),
-                min_s=min(times),
-                memory_bytes=mem,
-                loadavg=load,
-                mean_loglik=ll,
-            ),
+            "record": _ok_record(base, compile_s, warmup, times, mem, load, ll),
             "allow_s": job["compile_budget"] + budget,
         }
+
+
+def _ok_record(base, compile_s, warmup_s, times, memory_bytes, loadavg, mean_loglik, **extra):
+    """The record of one timed configuration."""
+    return dict(base, status="ok", compile_s=compile_s, warmup_s=warmup_s, times_s=list(times),
+                median_s=statistics.median(times), min_s=min(times), memory_bytes=memory_bytes,
+                loadavg=loadavg, mean_loglik=mean_loglik, **extra)  # fmt: skip
+
+
+def _max_mem_reason(mem: float, max_mem: float) -> str:
+    return f"XLA estimates {mem / 2**30:.1f} GiB > {max_mem / 2**30:.1f} GiB"
 
 
 def _interleave(job):
@@ -489,7 +489,7 @@ def _interleave(job):
         compiled, compile_s = _timing.compile_timed(fn, *args)
         mem = _timing.memory_bytes(compiled)
         if mem is not None and mem > job["max_mem"]:
-            reason = f"XLA estimates {mem / 2**30:.1f} GiB > {job['max_mem'] / 2**30:.1f} GiB"
+            reason = _max_mem_reason(mem, job["max_mem"])
             yield {"record": dict(base, status="skipped", reason=reason)}
             continue
         yield {"start": impl, "phase": "warm-up", "allow_s": job["budget"] + 10.0}
@@ -502,10 +502,8 @@ def _interleave(job):
     for impl, (compiled, args) in calls.items():
         base, extract, compile_s, warmup, mem = done[impl]
         ll = float(jnp.mean(jnp.asarray(extract(compiled(*args))[2])))
-        t = times[impl]
-        record = dict(base, status="ok", compile_s=compile_s, warmup_s=warmup, times_s=list(t))
-        record.update(median_s=statistics.median(t), min_s=min(t), memory_bytes=mem)
-        yield {"record": dict(record, loadavg=load, mean_loglik=ll, interleaved=True)}
+        record = _ok_record(base, compile_s, warmup, times[impl], mem, load, ll, interleaved=True)
+        yield {"record": record}
 
 
 def handle(job: dict):
@@ -607,20 +605,24 @@ def run_job(worker, job, structures, base, printer, retries=2):
                 flush=True,
             )
             continue
-        if "timeout" in stop:
-            reason = f"timed out after {stop['timeout']:.0f} s ({phase})"
-        elif "stalled" in stop:
-            reason = f"deadlocked {stalls + 1} times in XLA:CPU ({phase})"
-        elif "died" in stop:
-            reason = f"worker died (exit code {stop['died']}, out of memory?)"
-        else:
-            reason = f"error: {stop['error']}"
+        reason = _stop_reason(stop, phase, stalls + 1)
         for s in pending:
             rec = dict(base, structure=s, status="skipped", reason=reason)
             records.append(rec)
             printer(rec)
         pending = []
     return records
+
+
+def _stop_reason(stop: dict, phase: str, deadlocks: int) -> str:
+    """Why a worker's job was stopped (a final message of :meth:`benchmarks._timing.Worker.run`)."""
+    if "timeout" in stop:
+        return f"timed out after {stop['timeout']:.0f} s ({phase})"
+    if "stalled" in stop:
+        return f"deadlocked {deadlocks} times in XLA:CPU ({phase})"
+    if "died" in stop:
+        return f"worker died (exit code {stop['died']}, out of memory?)"
+    return f"error: {stop['error']}"
 
 
 def run_interleaved_job(worker, job, printer, retries=2):
@@ -641,12 +643,12 @@ def run_interleaved_job(worker, job, printer, retries=2):
             break
         print(f"  d={job['d']} T={job['T']}: worker deadlocked ({phase}), retrying", flush=True)
     got = {r["impl"] for r in records}
+    why = "no record" if stop is None else _stop_reason(stop, phase, attempt + 1)
     for impl in job["impls"]:
         if impl not in got:
-            why = ", ".join(f"{k} {v}" for k, v in (stop or {}).items())
             base = dict(impl=impl, structure=job["structure"], d=job["d"], T=job["T"])
             records.append(dict(base, batch=job["batch"], unroll=1, status="skipped",
-                                reason=f"{why or 'no record'} ({phase})"))  # fmt: skip
+                                reason=why))  # fmt: skip
     for r in records:
         printer(r)
     return records

@@ -119,10 +119,10 @@ def prepare_inputs(obs_dims, action_dim: int, obs, actions=None, mask=None) -> I
     B, T = first[:2]
     if action_dim and actions is None:
         raise ValueError(f"this model takes actions: pass an array ({B}, {T}, {action_dim})")
-    if not action_dim and actions is not None and jnp.shape(actions)[-1:] == (0,):
-        actions = None  # zero-width actions (B, T, 0) are no actions
     if not action_dim and actions is not None:
-        raise ValueError("this model was built with action_dim=0 but was given actions")
+        if jnp.shape(actions)[-1:] != (0,):
+            raise ValueError("this model was built with action_dim=0 but was given actions")
+        actions = None  # zero-width actions (B, T, 0) are no actions
     K = len(names)
     # a concrete mask stays a NumPy array, so that check_inputs can read it even under a trace
     xp = jnp if isinstance(mask, jax.core.Tracer) else np

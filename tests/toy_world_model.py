@@ -98,10 +98,15 @@ def toy_world_model(
             jnp.broadcast_to(params["m0"], shape), jnp.broadcast_to(params["p0"], shape)
         )
 
+    def update(params, belief, obs, mask):
+        """``(posterior, log-likelihood)`` of one step's observations."""
+        r = jnp.broadcast_to(params["r"], obs.shape)
+        post, ll = kalman.update(kalman.Gaussian(*belief), obs, r, mask)
+        return ToyBelief(*post), ll
+
     def observe(params, key, belief, obs, mask=None):
         del key
-        r = jnp.broadcast_to(params["r"], obs.shape)
-        return ToyBelief(*kalman.update(kalman.Gaussian(*belief), obs, r, mask)[0])
+        return update(params, belief, obs, mask)[0]
 
     def predict(params, belief, action):
         dynamics = kalman.Dynamics(params["A"], params["B"] * action, params["q"])
@@ -129,8 +134,7 @@ def toy_world_model(
 
         def step(b, xs):
             o, a, m = xs
-            r = jnp.broadcast_to(params["r"], o.shape)
-            post, ll = kalman.update(kalman.Gaussian(*b), o, r, m)
+            post, ll = update(params, b, o, m)
             return predict(params, post, a), ll
 
         xs = (jnp.moveaxis(obs, 1, 0), jnp.moveaxis(actions, 1, 0), jnp.moveaxis(mask, 1, 0))
