@@ -120,9 +120,9 @@ def train_selected(make, data: dict, validation: dict, cfg: dict, seed: int):
     if restarts == 1:
         objective, model, guide = make(seed)
         return (objective, model, guide, *train(objective, data, cfg, seed), [])
-    screen = int(cfg["screen_steps"])
-    if not 0 < screen <= cfg["steps"]:
-        raise ValueError(f"screen_steps={screen} must lie in (0, steps={cfg['steps']}]")
+    screen_steps = int(cfg["screen_steps"])
+    if not 0 < screen_steps <= cfg["steps"]:
+        raise ValueError(f"screen_steps={screen_steps} must lie in (0, steps={cfg['steps']}]")
     # Every candidate trains with candidate 0's objective and optimizer, so that the update
     # compiles once: the candidates differ only in their initial parameters (checked below).
     objective, model, guide = make(seed)
@@ -130,33 +130,27 @@ def train_selected(make, data: dict, validation: dict, cfg: dict, seed: int):
     seeds, starts, start = [seed + 1000 * k for k in range(restarts)], [], time.time()
     for k, s in enumerate(seeds):
         starts.append(initial_state(make(s)[0] if k else objective, data, cfg, s, optimizer))
-        if _signature(starts[k]) != _signature(starts[0]):
-            raise ValueError(
-                f"make({s}) builds parameters of other names or shapes than "
-                f"make({seed}); candidates may differ in their initial values only"
-            )
+        training.check_same_structure(starts[0], starts[k], f"make({s})")
     init_seconds = (time.time() - start) / restarts
-    runs, screening = [], []
-    for s, state in zip(seeds, starts, strict=True):
-        run = train(objective, data, cfg, s, num_steps=screen, optimizer=optimizer,
-                    resume=(state, [], init_seconds))  # fmt: skip
-        bound = heldout_elbo(objective, run[0].params, run[0].aux, jax.random.key(seed + 5),
-                             validation, num_particles=4)["elbo_per_sequence"]  # fmt: skip
-        runs.append(run)
-        screening.append({"seed": s, "validation_bound": bound})
-    best = int(np.argmax([c["validation_bound"] for c in screening]))
-    for k, c in enumerate(screening):
-        c["selected"] = k == best
-    spent = sum(r[2] for r in runs)
-    state, history, _ = runs[best]
-    state, history, seconds = train(objective, data, cfg, seed + 1000 * best, optimizer=optimizer,
-                                    resume=(state, history, spent))  # fmt: skip
+
+    spent = []  # every candidate's training time counts
+
+    def screen(k):
+        run = train(objective, data, cfg, seeds[k], num_steps=screen_steps, optimizer=optimizer,
+                    resume=(starts[k], [], init_seconds))  # fmt: skip
+        spent.append(run[2])
+        return run
+
+    def bound(run):
+        return heldout_elbo(objective, run[0].params, run[0].aux, jax.random.key(seed + 5),
+                            validation, num_particles=4)["elbo_per_sequence"]  # fmt: skip
+
+    best, (state, history, _), bounds = training.best_start(range(restarts), screen, bound)
+    screening = [{"seed": s, "validation_bound": b, "selected": k == best}
+                 for k, (s, b) in enumerate(zip(seeds, bounds, strict=True))]  # fmt: skip
+    state, history, seconds = train(objective, data, cfg, seeds[best], optimizer=optimizer,
+                                    resume=(state, history, sum(spent)))  # fmt: skip
     return objective, model, guide, state, history, seconds, screening
-
-
-def _signature(tree) -> tuple:
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, [(np.shape(x), getattr(x, "dtype", type(x))) for x in leaves]
 
 
 # ---- prediction ------------------------------------------------------------------------------

@@ -364,6 +364,39 @@ def test_example_quick_run_writes_table_and_figure(tmp_path):
     assert (tmp_path / "filtered_trajectories.png").stat().st_size > 10_000
 
 
+def test_example_screens_unsupervised_starts_and_continues_the_best():
+    """``examples.lvssf_pendulum.train`` with ``restarts=3`` (issue 22: the unsupervised
+    objective's worse basin is chosen in the first updates): candidates ``seed + 1000 k`` each
+    train the warm-up and the screening updates, the highest held-out bound is continued, and
+    its history is that candidate's own run (a run of that seed alone, recomputed here)."""
+    from examples import lvssf_pendulum as ex
+
+    make = lambda s: ex.build("none-known", SIZE * SIZE, hidden=8, decoder_var=0.01, init_L=1.0,
+                              seed=s)  # fmt: skip
+    data, validation = simulate(32, 5, size=SIZE, seed=0), simulate(8, 5, size=SIZE, seed=2)
+    kw = dict(steps=5, warmup=2, batch_size=16, kl_samples=4, lr=1e-2)
+    model, params, history, screening = ex.train(make, data, seed=3, restarts=3, screen_steps=2,
+                                                 validation=validation, **kw)  # fmt: skip
+    assert [c["seed"] for c in screening] == [3, 1003, 2003]
+    bounds = [c["validation_bound"] for c in screening]
+    assert len(set(bounds)) == 3 and all(np.isfinite(bounds))  # different initialisations
+    best = int(np.argmax(bounds))
+    assert [c["selected"] for c in screening] == [k == best for k in range(3)]
+    assert [h["step"] for h in history] == list(range(1, 8))  # warm-up 2, then to 2 + 5
+    chosen = screening[best]["seed"]
+    alone_model, alone, alone_history, none = ex.train(make, data, seed=chosen, **kw)
+    assert none == []
+    np.testing.assert_allclose([h["loss"] for h in history[:4]],
+                               [h["loss"] for h in alone_history[:4]], rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(params["lvssf_L"], alone["lvssf_L"], rtol=1e-4, atol=1e-6)
+    init = lambda m: initial_params(m, ex.model_inputs(m, validation))
+    jax.tree.map(np.testing.assert_array_equal, init(model), init(alone_model))  # chosen seed's
+    with pytest.raises(ValueError, match="screening needs"):
+        ex.train(make, data, seed=0, restarts=2, screen_steps=9, validation=validation, **kw)
+    with pytest.raises(ValueError, match="restarts"):
+        ex.train(make, data, seed=0, restarts=0, **kw)
+
+
 def test_example_diagnostics_of_a_run_match_independent_formulas():
     """The per-seed diagnostics of ``examples.lvssf_pendulum.evaluate`` (issue 22: a failed
     seed has its full error already in the first 5 steps and a latent that is no affine image

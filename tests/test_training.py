@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +19,7 @@ import numpyro
 import numpyro.distributions as dist
 import optax
 import pytest
+from hypothesis import strategies as st
 from numpyro.distributions import constraints
 from numpyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from numpyro.infer.elbo import ELBO
@@ -354,3 +356,42 @@ def test_two_device_sharding_matches_single_device():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip().endswith("OK")
+
+
+# --- best of several starts ---------------------------------------------------------------------
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(st.lists(st.sampled_from([-3.0, -1.0, 0.0, 2.5, 7.0, np.nan, np.inf, -np.inf]),
+                           min_size=1, max_size=6))  # fmt: skip
+def test_best_start_keeps_the_first_highest_finite_score(scores):
+    """Every candidate is screened once, in order; the best is the first highest finite score
+    (a naive loop over the list), and no finite score at all is an error that names them."""
+    screened = []
+
+    def screen(c):
+        screened.append(c)
+        return ("run", c)
+
+    candidates = [f"c{k}" for k in range(len(scores))]
+    score = lambda run: scores[candidates.index(run[1])]
+    finite = [k for k, s in enumerate(scores) if np.isfinite(s)]
+    if not finite:
+        with pytest.raises(FloatingPointError, match="no candidate"):
+            training.best_start(candidates, screen, score)
+        return
+    best, run, got = training.best_start(candidates, screen, score)
+    expected = min(finite, key=lambda k: (-scores[k], k))
+    assert screened == candidates
+    assert best == expected and run == ("run", candidates[expected])
+    np.testing.assert_array_equal(got, scores)
+
+
+def test_best_start_and_structure_checks_refuse_bad_input():
+    with pytest.raises(ValueError, match="at least one"):
+        training.best_start([], lambda c: c, lambda r: 0.0)
+    training.check_same_structure({"a": np.zeros(2)}, {"a": np.ones(2)}, "x")
+    with pytest.raises(ValueError, match="seed 7 builds parameters"):
+        training.check_same_structure({"a": np.zeros(2)}, {"a": np.zeros(3)}, "seed 7")
+    with pytest.raises(ValueError, match="names or shapes"):
+        training.check_same_structure({"a": np.zeros(2)}, {"b": np.zeros(2)}, "seed 7")

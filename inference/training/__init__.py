@@ -17,6 +17,8 @@ inside it, logs one metrics record per update (returned and appended to
 ``run_dir/metrics.jsonl``), checkpoints the whole :class:`TrainState` (:mod:`.checkpoint`:
 checksummed, resumed from the newest intact one), resumes it
 exactly (``resume=True``), and shards each minibatch over all visible devices.
+:func:`best_start` screens several initialisations by a held-out bound and keeps the best
+(:mod:`.restarts`).
 """
 
 from .loop import (
@@ -28,6 +30,7 @@ from .loop import (
     train_steps,
 )
 from .objective import ELBOAux, MetricsELBO, Objective, elbo_objective
+from .restarts import best_start, check_same_structure
 
 __all__ = [
     "ELBOAux",
@@ -35,6 +38,8 @@ __all__ = [
     "NonFiniteLossError",
     "Objective",
     "TrainState",
+    "best_start",
+    "check_same_structure",
     "elbo_objective",
     "fit",
     "init_train_state",
