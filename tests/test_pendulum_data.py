@@ -250,16 +250,18 @@ def test_sysid_example_rssm_keeps_the_velocity_in_its_deterministic_path(tmp_pat
     assert rows["locally_linear", "z"]["r2_angle"] > 0.5
 
 
-def test_sysid_example_quick_vrkn(tmp_path):
-    """VRKN end to end through the example (tiny sizes) with a memory coordinate
-    (``--observed``): every reported number finite (KalMamba's path: tests/test_kalmamba.py)."""
+@pytest.mark.parametrize("model", ["vrkn", "kalmamba"])
+def test_sysid_example_quick_vrkn_kalmamba(tmp_path, model):
+    """VRKN and KalMamba end to end through the example (tiny sizes) with a memory coordinate
+    (``--observed``): every reported number finite. KalMamba's run goes through the open-loop
+    forecast with zero-width actions, which crashed the full example after its training."""
     from examples import pendulum_sysid
 
     result = pendulum_sysid.main(
-        ["--quick", "--models", "vrkn", "--observed", "2", "--out", str(tmp_path),
+        ["--quick", "--models", model, "--observed", "2", "--out", str(tmp_path),
          "--no-progress"]
     )  # fmt: skip
-    r = {(r["model"], r["latents"]): r for r in result["rows"]}["vrkn", "z"]
+    r = {(r["model"], r["latents"]): r for r in result["rows"]}[model, "z"]
     assert r["latent_dim"] == pendulum_sysid.QUICK["latent"]
     for k in ("r2_angle", "r2_velocity", "mse_filtered", "mse_smoothed", "test_elbo_per_sequence"):
         assert np.isfinite(r[k]), k
