@@ -17,7 +17,7 @@ another command is refused, so one directory never mixes configurations. Writes 
 and ``results.json`` under ``--out``.
 
     python -m examples.seed_sweep pendulum_sysid --seeds 0,1,2,3,4 \\
-        --out runs/seeds-vrkn -- --models vrkn --latent 64 --steps 15000 --no-progress
+        --out runs/seeds-vrkn128 -- --models vrkn --latent 128 --steps 15000 --no-progress
     python -m examples.seed_sweep lvssf_pendulum --seeds 0,1,2,3,4 \\
         --out runs/seeds-lvssf -- --configs none-known,partial-known,full-known
 """
