@@ -114,30 +114,26 @@ def train_selected(make, data: dict, validation: dict, cfg: dict, seed: int):
     their initial parameter values only; a ``make`` whose parameters' names or shapes depend on
     the seed raises ``ValueError``).
     """
-    restarts = int(cfg.get("restarts", 1))
-    if restarts < 1:
-        raise ValueError(f"restarts={restarts} must be >= 1")
+    restarts, screen_steps = int(cfg.get("restarts", 1)), int(cfg.get("screen_steps", 0))
+    training.check_screening(restarts, screen_steps, cfg["steps"])
     if restarts == 1:
         objective, model, guide = make(seed)
         return (objective, model, guide, *train(objective, data, cfg, seed), [])
-    screen_steps = int(cfg["screen_steps"])
-    if not 0 < screen_steps <= cfg["steps"]:
-        raise ValueError(f"screen_steps={screen_steps} must lie in (0, steps={cfg['steps']}]")
     # Every candidate trains with candidate 0's objective and optimizer, so that the update
     # compiles once: the candidates differ only in their initial parameters (checked below).
     objective, model, guide = make(seed)
     optimizer = optax.adam(cfg["lr"])
-    seeds, starts, start = [seed + 1000 * k for k in range(restarts)], [], time.time()
-    for k, s in enumerate(seeds):
-        starts.append(initial_state(make(s)[0] if k else objective, data, cfg, s, optimizer))
-        training.check_same_structure(starts[0], starts[k], f"make({s})")
+    seeds, starts, start = training.restart_seeds(seed, restarts), {}, time.time()
+    for s in seeds:
+        starts[s] = initial_state(make(s)[0] if s != seed else objective, data, cfg, s, optimizer)
+        training.check_same_structure(starts[seed], starts[s], f"make({s})")
     init_seconds = (time.time() - start) / restarts
 
     spent = []  # every candidate's training time counts
 
-    def screen(k):
-        run = train(objective, data, cfg, seeds[k], num_steps=screen_steps, optimizer=optimizer,
-                    resume=(starts[k], [], init_seconds))  # fmt: skip
+    def screen(s):
+        run = train(objective, data, cfg, s, num_steps=screen_steps, optimizer=optimizer,
+                    resume=(starts[s], [], init_seconds))  # fmt: skip
         spent.append(run[2])
         return run
 
@@ -145,9 +141,7 @@ def train_selected(make, data: dict, validation: dict, cfg: dict, seed: int):
         return heldout_elbo(objective, run[0].params, run[0].aux, jax.random.key(seed + 5),
                             validation, num_particles=4)["elbo_per_sequence"]  # fmt: skip
 
-    best, (state, history, _), bounds = training.best_start(range(restarts), screen, bound)
-    screening = [{"seed": s, "validation_bound": b, "selected": k == best}
-                 for k, (s, b) in enumerate(zip(seeds, bounds, strict=True))]  # fmt: skip
+    best, (state, history, _), screening = training.best_start(seeds, screen, bound)
     state, history, seconds = train(objective, data, cfg, seeds[best], optimizer=optimizer,
                                     resume=(state, history, sum(spent)))  # fmt: skip
     return objective, model, guide, state, history, seconds, screening

@@ -195,36 +195,35 @@ def train(make, data: dict, *, steps: int, warmup: int, batch_size: int, kl_samp
     constrained parameters, its history (warm-up, screening and continuation), and the
     candidates' ``{"seed", "validation_bound", "selected"}`` (empty for one restart).
     """
-    if restarts < 1:
-        raise ValueError(f"restarts={restarts} must be >= 1")
-    if restarts > 1 and not (0 < screen_steps <= steps and validation is not None):
-        raise ValueError(f"screening needs 0 < screen_steps={screen_steps} <= steps={steps} "
-                         "and a validation set")  # fmt: skip
-    models = [make(seed + 1000 * k) for k in range(restarts)]
+    training.check_screening(restarts, screen_steps, steps)
+    if restarts > 1 and validation is None:
+        raise ValueError("screening needs a validation set")
+    seeds = training.restart_seeds(seed, restarts)
+    models = dict(zip(seeds, map(make, seeds), strict=True))
     path_kl = PathKLELBO(kl_samples)
     objective_of = lambda m: training.elbo_objective(m, backward_sampling(m), path_kl)
     # every candidate trains with candidate 0's objective and optimizers (one compiled update);
     # they differ in their initial parameter values only (checked)
-    objective = objective_of(models[0])
-    inputs = model_inputs(models[0], data)
+    objective = objective_of(models[seed])
+    inputs = model_inputs(models[seed], data)
     first = jax.tree.map(lambda x: x[:batch_size], inputs)
     opt = optax.adamw(lr)
     fit = functools.partial(training.fit, objective, inputs, batch_size=batch_size,
                             steps_per_call=100, progress=False)  # fmt: skip
 
-    def init(k):  # jitted: the eager initialisation would run the guide op by op
-        o = objective if k == 0 else objective_of(models[k])
+    def init(s):  # jitted: the eager initialisation would run the guide op by op
+        o = objective if s == seed else objective_of(models[s])
         run = jax.jit(lambda key: training.init_train_state(o, opt, key, first))
-        return run(jax.random.key(seed + 1000 * k))
+        return run(jax.random.key(s))
 
-    initial = init(0)
+    initial = init(seed)
     warm = optax.multi_transform(  # built once: one compiled warm-up for every candidate
         {"train": opt, "freeze": optax.set_to_zero()}, _decoder_labels(initial.params)
     )
 
-    def start(k):
-        state = initial if k == 0 else init(k)
-        training.check_same_structure(initial.params, state.params, f"seed {seed + 1000 * k}")
+    def start(s):
+        state = initial if s == seed else init(s)
+        training.check_same_structure(initial.params, state.params, f"seed {s}")
         history = []
         if warmup:
             state = state._replace(opt_state=warm.init(state.params))
@@ -232,12 +231,11 @@ def train(make, data: dict, *, steps: int, warmup: int, batch_size: int, kl_samp
             state = state._replace(opt_state=opt.init(state.params))
         return state, history
 
-    screening = []
     if restarts > 1:
-        val = model_inputs(models[0], validation)
+        val = model_inputs(models[seed], validation)
 
-        def screen(k):
-            state, history = start(k)
+        def screen(s):
+            state, history = start(s)
             state, more = fit(opt, num_steps=warmup + screen_steps, state=state)
             return state, history + more
 
@@ -245,13 +243,11 @@ def train(make, data: dict, *, steps: int, warmup: int, batch_size: int, kl_samp
             return heldout_elbo(objective, run[0].params, run[0].aux, jax.random.key(seed + 5),
                                 val, num_particles=4)["elbo_per_sequence"]  # fmt: skip
 
-        best, (state, history), bounds = training.best_start(range(restarts), screen, bound)
-        screening = [{"seed": seed + 1000 * k, "validation_bound": b, "selected": k == best}
-                     for k, b in enumerate(bounds)]  # fmt: skip
+        best, (state, history), screening = training.best_start(seeds, screen, bound)
     else:
-        best, (state, history) = 0, start(0)
+        best, (state, history), screening = 0, start(seed), []
     state, more = fit(opt, num_steps=warmup + steps, state=state)
-    return models[best], objective.constrain(state.params), history + more, screening
+    return models[seeds[best]], objective.constrain(state.params), history + more, screening
 
 
 def evaluate(model, params: dict, test: dict) -> dict:
@@ -377,10 +373,10 @@ def main(argv=None) -> list[dict]:
     screen_steps = pick(args.screen_steps, 5000, 10)
     n_val = pick(args.validation_sequences, 256, 8)
     hidden = (32,) if quick else (128, 128)
-    if args.restarts < 1:
-        raise SystemExit(f"--restarts {args.restarts}: must be >= 1")
-    if args.restarts > 1 and not 0 < screen_steps <= steps:
-        raise SystemExit(f"--screen-steps {screen_steps}: must lie in (0, steps={steps}]")
+    try:  # before any data or training: a bad flag fails at once
+        training.check_screening(args.restarts, screen_steps, steps)
+    except ValueError as error:
+        raise SystemExit(f"--restarts / --screen-steps: {error}") from None
     configs = [c for c in args.configs.split(",") if c]
     unknown = set(configs) - set(CONFIGS)
     if unknown:

@@ -373,7 +373,8 @@ def test_best_start_keeps_the_first_highest_finite_score(scores):
         screened.append(c)
         return ("run", c)
 
-    candidates = [f"c{k}" for k in range(len(scores))]
+    candidates = training.restart_seeds(7, len(scores))
+    assert candidates == [7 + 1000 * k for k in range(len(scores))]
     score = lambda run: scores[candidates.index(run[1])]
     finite = [k for k, s in enumerate(scores) if np.isfinite(s)]
     if not finite:
@@ -384,7 +385,9 @@ def test_best_start_keeps_the_first_highest_finite_score(scores):
     expected = min(finite, key=lambda k: (-scores[k], k))
     assert screened == candidates
     assert best == expected and run == ("run", candidates[expected])
-    np.testing.assert_array_equal(got, scores)
+    np.testing.assert_array_equal([r["validation_bound"] for r in got], scores)
+    assert [r["seed"] for r in got] == candidates
+    assert [r["selected"] for r in got] == [k == expected for k in range(len(scores))]
 
 
 def test_best_start_and_structure_checks_refuse_bad_input():
@@ -395,3 +398,10 @@ def test_best_start_and_structure_checks_refuse_bad_input():
         training.check_same_structure({"a": np.zeros(2)}, {"a": np.zeros(3)}, "seed 7")
     with pytest.raises(ValueError, match="names or shapes"):
         training.check_same_structure({"a": np.zeros(2)}, {"b": np.zeros(2)}, "seed 7")
+    training.check_screening(1, 0, 10)  # one start: nothing screened
+    training.check_screening(3, 10, 10)
+    with pytest.raises(ValueError, match="restarts=0"):
+        training.check_screening(0, 5, 10)
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match=f"screen_steps={bad} <= steps=10"):
+            training.check_screening(3, bad, 10)

@@ -30,7 +30,7 @@ from .loop import (
     train_steps,
 )
 from .objective import ELBOAux, MetricsELBO, Objective, elbo_objective
-from .restarts import best_start, check_same_structure
+from .restarts import best_start, check_same_structure, check_screening, restart_seeds
 
 __all__ = [
     "ELBOAux",
@@ -40,9 +40,11 @@ __all__ = [
     "TrainState",
     "best_start",
     "check_same_structure",
+    "check_screening",
     "elbo_objective",
     "fit",
     "init_train_state",
+    "restart_seeds",
     "restore",
     "train_steps",
 ]
