@@ -240,35 +240,6 @@ def predictions(model, guide, params: dict, key, obs, actions=None, *, context: 
     }
 
 
-def save_params(path, params: dict) -> Path:
-    """Constrained parameters as an ``.npz``, one array per leaf, named by its tree path (so a
-    finished run can be evaluated again without retraining: :func:`load_params`)."""
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    arrays = {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
-    path = Path(path)
-    np.savez_compressed(path, **arrays)
-    return path
-
-
-def load_params(path, like: dict) -> dict:
-    """The parameters :func:`save_params` wrote, in the tree of ``like`` (e.g.
-    ``objective.constrain(params)`` of a freshly initialised run of the same configuration);
-    raises ``ValueError`` when the saved leaves and ``like`` disagree in names or shapes."""
-    with np.load(path) as saved:
-        arrays = {name: saved[name] for name in saved.files}
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
-    names = [jax.tree_util.keystr(k) for k, _ in leaves]
-    extra, missing = sorted(set(arrays) - set(names)), sorted(set(names) - set(arrays))
-    if extra or missing:
-        raise ValueError(f"{path}: saved leaves {extra} are not in the template, {missing} are "
-                         "missing")  # fmt: skip
-    for name, (_, leaf) in zip(names, leaves, strict=True):
-        if arrays[name].shape != np.shape(leaf):
-            raise ValueError(f"{path}: {name} has shape {arrays[name].shape}, the template "
-                             f"{np.shape(leaf)}")  # fmt: skip
-    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[n]) for n in names])
-
-
 def training_summary(history: list[dict], seconds: float, cfg: dict) -> dict:
     """The end of a training run for a results row: the mean training bound of the last 100
     updates, the final distortion, rate, multiplier (CO) or beta (annealing) and D0."""

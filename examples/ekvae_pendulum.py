@@ -135,7 +135,6 @@ from examples.ekvae_common import (
     objective_for,
     parse_config,
     predictions,
-    save_params,
     train_selected,
     training_summary,
 )
@@ -147,6 +146,7 @@ from inference.evaluation import (
     save_image_grid,
 )
 from inference.guides import ekvae_guide
+from inference.training.checkpoint import save_params
 from pssm.datasets import model_data, pendulum_images
 from pssm.ekvae import ekvae, infer_latents
 

@@ -90,7 +90,6 @@ from examples.ekvae_common import (
     objective_for,
     parse_config,
     predictions,
-    save_params,
     train,
     training_summary,
 )
@@ -101,6 +100,7 @@ from inference.evaluation import (
     save_image_grid,
 )
 from inference.guides import ekvae_guide
+from inference.training.checkpoint import save_params
 from pssm.ekvae import ekvae, infer_latents
 from pssm.layers import FlatImageDecoder, FlatImageEncoder
 from pssm.reacher_data import reacher_angles, reacher_images

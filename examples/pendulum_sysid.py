@@ -46,10 +46,11 @@ Baselines: the mean training frame and the last context frame (persistence) as p
 the first 8 principal components of a single frame as "latents" (angle yes, velocity no).
 
 Run ``python -m examples.pendulum_sysid [--steps 3000] [--models locally_linear,rssm,vrkn]``
-(``--quick`` for a smoke run). Writes ``results.json``, ``results.md`` and figures under
-``--out`` (default ``runs/pendulum_sysid``): image grids (truth / reconstruction / filtered /
-smoothed-start predictions), latent trajectories with +-2 sd bands and latent spaces coloured
-by the angle.
+(``--quick`` for a smoke run). Writes ``results.json``, ``results.md``, each model's trained
+parameters ``<model>_params.npz`` (:func:`inference.training.checkpoint.load_params`) and
+figures under ``--out`` (default ``runs/pendulum_sysid``): image grids (truth / reconstruction /
+filtered / smoothed-start predictions), latent trajectories with +-2 sd bands and latent spaces
+coloured by the angle.
 """
 
 import argparse
@@ -69,6 +70,7 @@ from numpyro.infer import TraceMeanField_ELBO
 
 from inference import evaluation, guides, kalman, training
 from inference.objectives import FreeNatsELBO
+from inference.training.checkpoint import save_params
 from pssm import datasets
 from pssm.locally_linear import locally_linear
 
@@ -511,6 +513,7 @@ def run(args) -> dict:
             callback=_time_limit(start, args.max_train_minutes),
         )  # fmt: skip
         seconds = time.perf_counter() - start
+        save_params(out / f"{name}_params.npz", objective.constrain(state.params))
         if len(history) < args.steps:
             print(f"{name}: stopped at the time limit after {len(history)} of {args.steps} updates")
         tail = history[-max(1, len(history) // 10) :]

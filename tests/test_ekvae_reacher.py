@@ -20,6 +20,7 @@ from examples.ekvae_common import rollout, smoothed_start_prediction
 from inference import training
 from inference.guides import ekvae_guide
 from inference.objectives import EKVAEBound
+from inference.training import checkpoint
 from pssm.datasets import wrap_angle
 from pssm.ekvae import NeuralLinearisation, ekvae
 from pssm.reacher_data import DT, reacher_angles, reacher_images, reacher_observations
@@ -397,11 +398,11 @@ def test_saved_parameters_load_into_a_fresh_configuration(tmp_path):
         return objective.constrain(jax.jit(init)(jax.random.key(0)).params)
 
     trained = constrained(cfg, 3)
-    path = ekvae_common.save_params(tmp_path / "params.npz", trained)
-    loaded = ekvae_common.load_params(path, constrained(cfg, 4))
+    path = checkpoint.save_params(tmp_path / "params.npz", trained)
+    loaded = checkpoint.load_params(path, constrained(cfg, 4))
     jax.tree.map(np.testing.assert_array_equal, loaded, trained)
     with pytest.raises(ValueError, match="shape"):
-        ekvae_common.load_params(path, constrained({**cfg, "hidden": 8}, 4))
+        checkpoint.load_params(path, constrained({**cfg, "hidden": 8}, 4))
 
 
 @pytest.mark.slow

@@ -9,10 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+import optax
 import pytest
 from scipy.integrate import solve_ivp
 
+from inference import training
+from inference.training import checkpoint
 from pssm import datasets
 
 
@@ -229,6 +233,16 @@ def test_sysid_example_quick(tmp_path):
                  "rssm_z_space.png", "rssm_h_z_space.png"):  # fmt: skip
         assert (tmp_path / name).stat().st_size > 500, name
     assert "| rssm | z |" in (tmp_path / "results.md").read_text()
+    # the trained parameters load into the tree of a fresh model of the same configuration
+    args = argparse.Namespace(**{**result["config"], "action_dim": 0})
+    entry = pendulum_sysid.MODELS["rssm"](args)
+    objective = training.elbo_objective(entry.model, entry.guide, entry.elbo)
+    batch = pendulum_sysid._batch(datasets.pendulum_images(q["sequences"], q["length"], seed=0))
+    init = training.init_train_state(objective, optax.adam(1e-3), jax.random.key(1), batch)
+    fresh = objective.constrain(init.params)
+    saved = checkpoint.load_params(tmp_path / "rssm_params.npz", fresh)
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), saved, fresh)
+    assert any(jax.tree.leaves(moved))  # trained, not the initialisation
 
 
 @pytest.mark.slow

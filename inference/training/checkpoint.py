@@ -20,6 +20,10 @@ rather than a silent mismatch.
 Metric logs are JSON lines with a ``"step"`` each. :func:`read_metrics` keeps the records up
 to a checkpoint's step (the history a resumed run continues) and drops a torn final line (a
 write cut short by power loss or a full disk) with a logged warning.
+
+A finished run's parameters are exported with :func:`save_params` (one ``.npz`` array per leaf,
+named by its tree path, so the file is readable without the code) and read back by
+:func:`load_params` into a template of the same configuration.
 """
 
 import json
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any
@@ -319,3 +324,32 @@ def append_metrics(path: str | os.PathLike, records: list[dict]) -> None:
     with Path(path).open("a") as file:
         file.writelines(json.dumps(record) + "\n" for record in records)
         file.flush()
+
+
+def save_params(path, params: dict) -> Path:
+    """Constrained parameters as an ``.npz``, one array per leaf, named by its tree path (so a
+    finished run can be evaluated again without retraining: :func:`load_params`)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    arrays = {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+    path = Path(path)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def load_params(path, like: dict) -> dict:
+    """The parameters :func:`save_params` wrote, in the tree of ``like`` (e.g.
+    ``objective.constrain(params)`` of a freshly initialised run of the same configuration);
+    raises ``ValueError`` when the saved leaves and ``like`` disagree in names or shapes."""
+    with np.load(path) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    names = [jax.tree_util.keystr(k) for k, _ in leaves]
+    extra, missing = sorted(set(arrays) - set(names)), sorted(set(names) - set(arrays))
+    if extra or missing:
+        raise ValueError(f"{path}: saved leaves {extra} are not in the template, {missing} are "
+                         "missing")  # fmt: skip
+    for name, (_, leaf) in zip(names, leaves, strict=True):
+        if arrays[name].shape != np.shape(leaf):
+            raise ValueError(f"{path}: {name} has shape {arrays[name].shape}, the template "
+                             f"{np.shape(leaf)}")  # fmt: skip
+    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[n]) for n in names])
