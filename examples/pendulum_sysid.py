@@ -70,7 +70,7 @@ from numpyro.infer import TraceMeanField_ELBO
 
 from inference import evaluation, guides, kalman, training
 from inference.objectives import FreeNatsELBO
-from inference.training.checkpoint import save_params
+from inference.training.checkpoint import load_params, save_params
 from pssm import datasets
 from pssm.locally_linear import locally_linear
 
@@ -143,14 +143,20 @@ def smoothed_latents(model):
 
 
 def kalmamba_latents(model):
-    """KalMamba: the smoothed ``z`` and the backbone's output ``m_t`` (which sees the frames up to
-    ``t`` and sets the dynamics; like the RSSM's ``h`` it can carry what ``z`` does not)."""
+    """KalMamba: the smoothed ``z``, the backbone's output ``m_t`` (which sees the frames up to
+    ``t`` and sets the dynamics; like the RSSM's ``h`` it can carry what ``z`` does not) and the
+    transition offsets ``b_t = dyn(m_t)`` of ``z_{t+1} = A_t z_t + b_t`` (steps ``0..T-2``): what
+    the backbone adds to ``z``'s motion."""
     smoothed = smoothed_latents(model)
 
     def latents(params, key, batch):
         with handlers.block(), handlers.substitute(data=params):
-            m = model.forward(model.prepare(batch["obs"], batch.get("actions"))).m
-        return {**smoothed(params, key, batch), "m": (m, None)}
+            f = model.forward(model.prepare(batch["obs"], batch.get("actions")))
+        return {
+            **smoothed(params, key, batch),
+            "m": (f.m, None),
+            "b": (f.structure.dynamics.b, None),
+        }
 
     return latents
 
@@ -318,7 +324,10 @@ def _targets(states: np.ndarray) -> np.ndarray:
 
 def _r2(train_x, test_x, train_y, test_y) -> dict:
     """Held-out (fit on the training sequences, scored on the held-out ones) and in-sample R^2:
-    angle = mean over (sin, cos), velocity."""
+    angle = mean over (sin, cos), velocity. Latents covering the first ``T' < T`` steps only
+    (transition offsets) are scored on those steps."""
+    steps = train_x.shape[1]
+    train_y, test_y = train_y[:, :steps], test_y[:, :steps]
     n = train_x.shape[0]
     both_x, both_y = np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y])
     held = evaluation.r2_ols(both_x, both_y, fit_fraction=n / both_x.shape[0])
@@ -339,18 +348,60 @@ def _batch(data: dict) -> dict:
     return {k: jnp.asarray(v, float) for k, v in datasets.model_data(data).items()}
 
 
-def evaluate_model(name, entry, objective, state, train, test, args, out: Path) -> dict:
-    """R^2 per latent set, open-loop MSEs, held-out ELBO, reconstruction MSE and figures."""
-    params = objective.constrain(state.params)
-    key = jax.random.key(args.seed + 7)
-    k_lat, k_elbo, k_filt, k_smooth, k_rec = jax.random.split(key, 5)
+def _evaluation_keys(seed: int) -> list[jax.Array]:
+    """The keys of the latents, held-out ELBO, filtered and smoothed forecasts, reconstruction."""
+    return list(jax.random.split(jax.random.key(seed + 7), 5))
+
+
+def latent_r2(entry, params, key, train, test) -> tuple[dict, dict]:
+    """``({set: (held-out means, variances or None)}, {set: {"latent_dim", R^2 ...}})`` for
+    every latent set of ``entry.latents`` (:func:`_r2`)."""
     train_batch, test_batch = _batch(train), _batch(test)
     n = train_batch["obs"].shape[0]  # one compiled call for both sets
     both = {k: jnp.concatenate([v, test_batch[k]]) for k, v in train_batch.items()}
-    lat = jax.jit(entry.latents)(params, k_lat, both)
-    lat_train = {k: (m[:n], None if v is None else v[:n]) for k, (m, v) in lat.items()}
-    lat_test = {k: (m[n:], None if v is None else v[n:]) for k, (m, v) in lat.items()}
+    lat = jax.jit(entry.latents)(params, key, both)
     y_train, y_test = _targets(train["states"]), _targets(test["states"])
+    held_out, r2 = {}, {}
+    for name, (mean, var) in lat.items():
+        held_out[name] = (mean[n:], None if var is None else var[n:])
+        r2[name] = {"latent_dim": int(mean.shape[-1]),
+                    **_r2(np.asarray(mean[:n]), np.asarray(mean[n:]), y_train, y_test)}  # fmt: skip
+    return held_out, r2
+
+
+def rescore(folder) -> list[dict]:
+    """The R^2 rows of a finished run in ``folder`` recomputed from its saved parameters
+    (``<model>_params.npz``) and configuration (``results.json``) with today's latent sets (e.g.
+    KalMamba's offsets ``b`` for a run made before they were reported); written to
+    ``rescored.json``. Same data, keys and regressions as the run: its rows come back."""
+    folder = Path(folder)
+    config = json.loads((folder / "results.json").read_text())["config"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])  # the options results.json leaves out (None) at their defaults
+    vars(args).update(config)
+    kw = dict(length=args.length, controls=args.controls)
+    train = datasets.pendulum_images(args.sequences, seed=args.seed, **kw)
+    test = datasets.pendulum_images(args.test_sequences, seed=args.seed + 1, **kw)
+    rows, batch = [], _batch(train)
+    for name in args.models:
+        entry = MODELS[name](args)
+        objective = training.elbo_objective(entry.model, entry.guide, entry.elbo)
+        init = lambda k, o=objective: training.init_train_state(o, optax.adam(1e-3), k, batch)
+        like = objective.constrain(jax.jit(init)(jax.random.key(args.seed)).params)
+        params = load_params(folder / f"{name}_params.npz", like)
+        _, r2 = latent_r2(entry, params, _evaluation_keys(args.seed)[0], train, test)
+        rows += [{"model": name, "latents": k, **v} for k, v in r2.items()]
+    (folder / "rescored.json").write_text(json.dumps({"rows": rows, "config": config}, indent=2))
+    return rows
+
+
+def evaluate_model(name, entry, objective, state, train, test, args, out: Path) -> dict:
+    """R^2 per latent set, open-loop MSEs, held-out ELBO, reconstruction MSE and figures."""
+    params = objective.constrain(state.params)
+    k_lat, k_elbo, k_filt, k_smooth, k_rec = _evaluation_keys(args.seed)
+    test_batch = _batch(test)
+    lat_test, r2 = latent_r2(entry, params, k_lat, train, test)
     c, T = args.context, args.length
     kw = dict(context=c, num_samples=args.predict_samples)
     filt = prediction_mse(entry, params, k_filt, test_batch, keep=c, **kw)
@@ -379,10 +430,7 @@ def evaluate_model(name, entry, objective, state, train, test, args, out: Path) 
     rows = []
     order = sorted(lat_test, key=lambda k: (lat_test[k][0].shape[-1], k))  # smallest set first
     for latent_name in order:
-        mean_tr = lat_train[latent_name][0]
-        mean_te, var_te = lat_test[latent_name]
-        r2 = _r2(np.asarray(mean_tr), np.asarray(mean_te), y_train, y_test)
-        rows.append({**common, "latents": latent_name, "latent_dim": int(mean_te.shape[-1]), **r2})
+        rows.append({**common, "latents": latent_name, **r2[latent_name]})
     # figures: the first held-out sequence, the first latent set
     image = (16, 16)
     seq = np.asarray(test_batch["obs"][0]).reshape(T, *image)
@@ -406,8 +454,9 @@ def evaluate_model(name, entry, objective, state, train, test, args, out: Path) 
         slug = latent_name.strip("[]").replace(", ", "_")
         flat = np.asarray(mean_te).reshape(-1, mean_te.shape[-1])
         if flat.shape[-1] >= 2:
+            angle = test["states"][:, : mean_te.shape[1], 0].ravel()
             evaluation.plot_latent_space(
-                out / f"{name}_{slug}_space.png", flat, test["states"][..., 0].ravel(),
+                out / f"{name}_{slug}_space.png", flat, angle,
                 label="angle", title=f"{name}: {latent_name} (held-out frames)",
             )  # fmt: skip
     return rows
@@ -599,7 +648,13 @@ def from_args(args: argparse.Namespace) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return from_args(parser.parse_args(argv))
+    parser.add_argument("--rescore", metavar="DIR", default=None,
+                        help="recompute a finished run's R^2 rows from its saved parameters "
+                             "(rescored.json in DIR) instead of training")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.rescore is not None:
+        return {"rows": rescore(args.rescore)}
+    return from_args(args)
 
 
 if __name__ == "__main__":
