@@ -550,67 +550,86 @@ def skip_reason(impl, structure, d, T, done, budget, max_mem) -> str | None:
     return None
 
 
+STOPS = frozenset({"timeout", "stalled", "died", "error"})  # a worker's final messages
+
+
+def run_with_retries(worker, next_job, on_message, label, retries=2):
+    """Run ``worker.run(next_job())`` until it ends other than by a deadlock, at most ``retries``
+    times again in a fresh process after one (no CPU used for a while: jaxlib 0.10's batched
+    LAPACK kernels can starve XLA:CPU's thread pool). Every message but a final one goes to
+    ``on_message(msg, phase, deadlocks) -> phase`` (``phase`` names the step in progress for the
+    reports). ``next_job`` is called once per attempt.
+
+    Returns:
+        ``(stop, phase, deadlocks)``: the final message (``None`` when the job finished), the
+        phase it stopped in and how many deadlocks were retried.
+    """
+    deadlocks = 0
+    while True:
+        stop, phase = None, "starting"
+        for msg in worker.run(next_job()):
+            if STOPS & msg.keys():
+                stop = msg
+            else:
+                phase = on_message(msg, phase, deadlocks)
+        if stop is None or "stalled" not in stop or deadlocks == retries:
+            return stop, phase, deadlocks
+        deadlocks += 1
+        print(f"  {label}: worker deadlocked ({phase}), retrying in a fresh process", flush=True)
+
+
 def run_accuracy_job(worker, job, retries=2):
     """The float64 agreement records of one (d, structure), retried after a deadlock."""
-    for _ in range(retries + 1):
-        records, stop = [], None
-        for msg in worker.run(job):
-            if "record" in msg:
-                r, x = msg["record"], msg["record"]["max_abs_diff"]
-                records.append(r)
-                print(
-                    f"  d={r['d']:<4} {r['structure']:<5} {r['impl']:<13} mean {x['mean']:.1e}"
-                    f"  cov {x['cov']:.1e}  loglik {x['loglik']:.1e}  "
-                    f"{'ok' if r['agree'] else 'MISMATCH'}",
-                    flush=True,
-                )
-            else:
-                stop = msg
-        if stop is None or "stalled" not in stop:
-            break
-        print(f"  d={job['d']} {job['structure']}: worker deadlocked, retrying", flush=True)
+    records = []
+
+    def next_job():
+        records.clear()
+        return job
+
+    def on_message(msg, phase, deadlocks):
+        r, x = msg["record"], msg["record"]["max_abs_diff"]
+        records.append(r)
+        print(
+            f"  d={r['d']:<4} {r['structure']:<5} {r['impl']:<13} mean {x['mean']:.1e}"
+            f"  cov {x['cov']:.1e}  loglik {x['loglik']:.1e}  "
+            f"{'ok' if r['agree'] else 'MISMATCH'}",
+            flush=True,
+        )
+        return phase
+
+    label = f"d={job['d']} {job['structure']}"
+    stop, _, _ = run_with_retries(worker, next_job, on_message, label, retries)
     if stop is not None:
-        print(f"  d={job['d']} {job['structure']}: accuracy check failed: {stop}", flush=True)
+        print(f"  {label}: accuracy check failed: {stop}", flush=True)
     return records
 
 
 def run_job(worker, job, structures, base, printer, retries=2):
-    """Run a timing job; every structure gets a record (ok or skipped).
+    """Run a timing job; every structure gets a record (ok or skipped), the job retried after a
+    deadlock (:func:`run_with_retries`) for the structures still pending."""
+    records, pending = [], list(structures)
 
-    A job whose worker deadlocks (no CPU used for a while: jaxlib 0.10's batched LAPACK kernels
-    can starve XLA:CPU's thread pool) is retried in a fresh process up to ``retries`` times.
-    """
-    records, pending, phase, stalls = [], list(structures), "starting", 0
-    while pending:
-        stop = None
-        for msg in worker.run(dict(job, structures=pending)):
-            if "record" in msg:
-                rec = dict(msg["record"], deadlocks_retried=stalls)
-                records.append(rec)
-                pending.remove(rec["structure"])
-                printer(rec)
-            elif "start" in msg:
-                phase = "compiling" if msg.get("phase") == "compile" else "warm-up call"
-            elif "warmup_s" in msg:
-                phase = f"timed calls; warm-up call took {msg['warmup_s']:.2f} s"
-            elif {"timeout", "stalled", "died", "error"} & msg.keys():
-                stop = msg
-        if stop is None:
-            break
-        if "stalled" in stop and stalls < retries:
-            stalls += 1
-            print(
-                f"  {base['impl']} d={base['d']} T={base['T']}: worker deadlocked ({phase}), "
-                f"retrying in a fresh process",
-                flush=True,
-            )
-            continue
-        reason = _stop_reason(stop, phase, stalls + 1)
-        for s in pending:
-            rec = dict(base, structure=s, status="skipped", reason=reason)
+    def on_message(msg, phase, deadlocks):
+        if "record" in msg:
+            rec = dict(msg["record"], deadlocks_retried=deadlocks)
             records.append(rec)
+            pending.remove(rec["structure"])
             printer(rec)
-        pending = []
+        elif "start" in msg:
+            phase = "compiling" if msg.get("phase") == "compile" else "warm-up call"
+        elif "warmup_s" in msg:
+            phase = f"timed calls; warm-up call took {msg['warmup_s']:.2f} s"
+        return phase
+
+    label = f"{base['impl']} d={base['d']} T={base['T']}"
+    stop, phase, deadlocks = run_with_retries(
+        worker, lambda: dict(job, structures=list(pending)), on_message, label, retries
+    )
+    reason = None if stop is None else _stop_reason(stop, phase, deadlocks + 1)
+    for s in pending:
+        rec = dict(base, structure=s, status="skipped", reason=reason or "no record")
+        records.append(rec)
+        printer(rec)
     return records
 
 
@@ -627,23 +646,26 @@ def _stop_reason(stop: dict, phase: str, deadlocks: int) -> str:
 
 def run_interleaved_job(worker, job, printer, retries=2):
     """Run an ``--interleave`` job; every implementation gets a record (ok or skipped), the
-    job retried in a fresh process after a deadlock as :func:`run_job` does."""
-    for attempt in range(retries + 1):
-        records, stop, phase = [], None, "starting"
-        for msg in worker.run(job):
-            if "record" in msg:
-                records.append(msg["record"])
-            elif "start" in msg:
-                phase = f"{msg['phase']} of {msg['start']}"
-            elif "warmup_s" in msg:
-                phase = "interleaved timed calls"
-            elif {"timeout", "stalled", "died", "error"} & msg.keys():
-                stop = msg
-        if stop is None or "stalled" not in stop or attempt == retries:
-            break
-        print(f"  d={job['d']} T={job['T']}: worker deadlocked ({phase}), retrying", flush=True)
+    job retried after a deadlock (:func:`run_with_retries`)."""
+    records = []
+
+    def next_job():
+        records.clear()
+        return job
+
+    def on_message(msg, phase, deadlocks):
+        if "record" in msg:
+            records.append(msg["record"])
+        elif "start" in msg:
+            phase = f"{msg['phase']} of {msg['start']}"
+        elif "warmup_s" in msg:
+            phase = "interleaved timed calls"
+        return phase
+
+    label = f"d={job['d']} T={job['T']}"
+    stop, phase, deadlocks = run_with_retries(worker, next_job, on_message, label, retries)
     got = {r["impl"] for r in records}
-    why = "no record" if stop is None else _stop_reason(stop, phase, attempt + 1)
+    why = "no record" if stop is None else _stop_reason(stop, phase, deadlocks + 1)
     for impl in job["impls"]:
         if impl not in got:
             base = dict(impl=impl, structure=job["structure"], d=job["d"], T=job["T"])
