@@ -29,7 +29,6 @@ Figures (matplotlib, Agg canvas, no global pyplot state): :func:`save_image_grid
 :func:`plot_latent_trajectories` (mean +- 2 standard deviations), :func:`plot_latent_space`.
 """
 
-import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,6 +36,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from inference.training.objective import cache_per_objective
 
 PyTree = Any
 
@@ -291,10 +292,7 @@ def heldout_elbo(
     if num_particles < 1:
         raise ValueError(f"num_particles={num_particles} must be >= 1")
 
-    try:
-        elbos = _particle_elbos(objective, num_particles)
-    except TypeError:  # an unhashable objective: compile without the cache
-        elbos = _particle_elbos.__wrapped__(objective, num_particles)
+    elbos = _particle_elbos(objective, num_particles)
     values = np.asarray(elbos(params, aux, key, batch), np.float64)
     B = jax.tree.leaves(batch)[0].shape[0]
     se = values.std(ddof=1) / np.sqrt(num_particles) if num_particles > 1 else float("nan")
@@ -302,7 +300,7 @@ def heldout_elbo(
             "elbo_per_sequence": float(values.mean() / B)}  # fmt: skip
 
 
-@functools.lru_cache(maxsize=16)
+@cache_per_objective(maxsize=16)
 def _particle_elbos(objective, num_particles: int):
     """The jitted ``(params, aux, key, batch) -> (num_particles,)`` ELBOs of ``objective``,
     cached per objective: scoring many parameter sets (restarts, checkpoints) compiles once."""

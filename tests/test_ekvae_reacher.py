@@ -351,18 +351,18 @@ def test_train_selected_continues_the_best_validation_bound(tiny_data):
     """Each candidate trains ``screen_steps`` updates; the one with the highest held-out bound
     on the validation batch (recomputed here) is continued to ``steps``."""
     from inference.evaluation import heldout_elbo
-    from inference.training.loop import _cached_compiled_steps
+    from inference.training.loop import _compiled_steps
 
     data, validation = tiny_data
     cfg = {**ekvae_pendulum.CONFIGS["quick"], "steps": 5, "batch": 4, "calibration": 2,
            "restarts": 3, "screen_steps": 2}  # fmt: skip
     make = lambda s: _tiny_pendulum(s, cfg)
-    misses = _cached_compiled_steps.cache_info().misses
+    misses = _compiled_steps.cache_info().misses
     objective, model, guide, state, history, seconds, screening = ekvae_common.train_selected(
         make, data, validation, cfg, 7
     )
     # one compiled loop for the three screenings (2 updates), one for the continuation (5)
-    assert _cached_compiled_steps.cache_info().misses - misses == 2
+    assert _compiled_steps.cache_info().misses - misses == 2
     assert [c["seed"] for c in screening] == [7, 1007, 2007]
     bounds = [c["validation_bound"] for c in screening]
     assert len(set(bounds)) == 3  # different initialisations

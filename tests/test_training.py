@@ -405,3 +405,23 @@ def test_best_start_and_structure_checks_refuse_bad_input():
     for bad in (0, 11):
         with pytest.raises(ValueError, match=f"screen_steps={bad} <= steps=10"):
             training.check_screening(3, bad, 10)
+
+
+def test_cache_per_objective_builds_once_per_hashable_key_and_always_for_unhashable_ones():
+    """The compiled-function builders of the loop and of ``heldout_elbo`` share one cache rule:
+    a hashable objective is built once per argument tuple; an unhashable one (here a dict) is
+    built on every call, with the same result, rather than failing."""
+    from inference.training.objective import cache_per_objective
+
+    built = []
+
+    @cache_per_objective(maxsize=4)
+    def build(objective, n):
+        built.append((objective if not isinstance(objective, dict) else "dict", n))
+        return (repr(objective), n)
+
+    assert build("a", 1) == build("a", 1) == ("'a'", 1)
+    assert build("a", 2) == ("'a'", 2)
+    assert build({"x": 1}, 1) == build({"x": 1}, 1) == ("{'x': 1}", 1)
+    assert built == [("a", 1), ("a", 2), ("dict", 1), ("dict", 1)]
+    assert build.cache_info().currsize == 2

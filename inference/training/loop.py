@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .objective import Objective
+from .objective import Objective, cache_per_objective
 
 PyTree = Any
 #: names inside ``run_dir``
@@ -155,15 +155,8 @@ def _cast(x, dtype):
     return jax.lax.convert_element_type(x, dtype)
 
 
+@cache_per_objective(maxsize=32)
 def _compiled_steps(objective, optimizer, batch_size, max_steps, mesh):
-    try:
-        return _cached_compiled_steps(objective, optimizer, batch_size, max_steps, mesh)
-    except TypeError:  # an unhashable objective or optimizer: compile without the cache
-        return _cached_compiled_steps.__wrapped__(objective, optimizer, batch_size, max_steps, mesh)
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_compiled_steps(objective, optimizer, batch_size, max_steps, mesh):
     sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("batch"))
     run = functools.partial(
         train_steps, objective, optimizer, batch_size=batch_size, max_steps=max_steps,

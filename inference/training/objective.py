@@ -19,6 +19,7 @@ Objective wrappers (KL balancing, free nats, Lagrangian constraints, extra loss 
 :func:`elbo_objective` through the small :class:`MetricsELBO` protocol below.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -165,3 +166,25 @@ def elbo_objective(model: Callable, guide: Callable, elbo: Any, **static_kwargs)
             return aux._replace(elbo_state=elbo.update_aux(aux.elbo_state, metrics))
 
     return Objective(init=init, loss=loss, constrain=constrain, update_aux=update_aux)
+
+
+def cache_per_objective(maxsize: int) -> Callable[[Callable], Callable]:
+    """Decorator: ``functools.lru_cache`` for builders of compiled functions keyed by an
+    objective (and other arguments), so that one objective compiles once; a call with an
+    unhashable argument (an objective holding a dict, say) builds without the cache."""
+
+    def wrap(build: Callable) -> Callable:
+        cached = functools.lru_cache(maxsize=maxsize)(build)
+
+        @functools.wraps(build)
+        def call(*args):
+            try:
+                return cached(*args)
+            except TypeError:  # unhashable: build afresh
+                return build(*args)
+
+        call.cache_clear = cached.cache_clear
+        call.cache_info = cached.cache_info
+        return call
+
+    return wrap
