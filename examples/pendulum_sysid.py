@@ -39,8 +39,10 @@ implementation of the same prediction as the generic one below:
   finding (Table 2): the velocity is carried by ``h``, not by ``z`` (low R^2 from ``z``).
 * ``vrkn`` (:mod:`pssm.vrkn`, linearised at the filtered mean, MC dropout) and ``kalmamba``
   (:mod:`pssm.kalmamba`, Mamba backbone) with the ``kalman_smoothing`` guide, each trained with
-  its own objective (free nats; Mahalanobis regulariser); latents: smoothed means. Not in the
-  default ``--models``.
+  its own objective (free nats; Mahalanobis regulariser); latents: smoothed means, for
+  KalMamba also the backbone output ``m_t`` and the transition offsets ``b_t = dyn(m_t)``
+  (KalMamba's ``z`` has a memory outside it, as the RSSM's ``z`` has ``h``: the velocity can
+  move ``z`` through ``b_t`` without being in ``z``). Not in the default ``--models``.
 
 Baselines: the mean training frame and the last context frame (persistence) as predictions;
 the first 8 principal components of a single frame as "latents" (angle yes, velocity no).
