@@ -179,9 +179,10 @@ def cache_per_objective(maxsize: int) -> Callable[[Callable], Callable]:
         @functools.wraps(build)
         def call(*args):
             try:
-                return cached(*args)
+                hash(args)
             except TypeError:  # unhashable: build afresh
                 return build(*args)
+            return cached(*args)
 
         call.cache_clear = cached.cache_clear
         call.cache_info = cached.cache_info
