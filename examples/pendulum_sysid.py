@@ -371,6 +371,14 @@ def latent_r2(entry, params, key, train, test) -> tuple[dict, dict]:
     return held_out, r2
 
 
+def load_data(args) -> tuple[dict, dict]:
+    """The training and held-out pendulum sequences of a run's arguments (seeds ``seed`` and
+    ``seed + 1``; cached on disk by :func:`pssm.datasets.pendulum_images`)."""
+    kw = dict(length=args.length, controls=args.controls)
+    return (datasets.pendulum_images(args.sequences, seed=args.seed, **kw),
+            datasets.pendulum_images(args.test_sequences, seed=args.seed + 1, **kw))  # fmt: skip
+
+
 def rescore(folder) -> list[dict]:
     """The R^2 rows of a finished run in ``folder`` recomputed from its saved parameters
     (``<model>_params.npz``) and configuration (``results.json``) with today's latent sets (e.g.
@@ -378,13 +386,9 @@ def rescore(folder) -> list[dict]:
     ``rescored.json``. Same data, keys and regressions as the run: its rows come back."""
     folder = Path(folder)
     config = json.loads((folder / "results.json").read_text())["config"]
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args([])  # the options results.json leaves out (None) at their defaults
+    args = parser().parse_args([])  # the options results.json leaves out (None) at defaults
     vars(args).update(config)
-    kw = dict(length=args.length, controls=args.controls)
-    train = datasets.pendulum_images(args.sequences, seed=args.seed, **kw)
-    test = datasets.pendulum_images(args.test_sequences, seed=args.seed + 1, **kw)
+    train, test = load_data(args)
     rows, batch = [], _batch(train)
     for name in args.models:
         entry = MODELS[name](args)
@@ -399,8 +403,10 @@ def rescore(folder) -> list[dict]:
 
 
 def evaluate_model(name, entry, objective, state, train, test, args, out: Path) -> dict:
-    """R^2 per latent set, open-loop MSEs, held-out ELBO, reconstruction MSE and figures."""
+    """R^2 per latent set, open-loop MSEs, held-out ELBO, reconstruction MSE, figures and the
+    trained parameters (``<name>_params.npz``)."""
     params = objective.constrain(state.params)
+    save_params(out / f"{name}_params.npz", params)
     k_lat, k_elbo, k_filt, k_smooth, k_rec = _evaluation_keys(args.seed)
     test_batch = _batch(test)
     lat_test, r2 = latent_r2(entry, params, k_lat, train, test)
@@ -544,9 +550,7 @@ def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     args.action_dim = 1 if args.controls else 0
-    data_kwargs = dict(length=args.length, controls=args.controls)
-    train = datasets.pendulum_images(args.sequences, seed=args.seed, **data_kwargs)
-    test = datasets.pendulum_images(args.test_sequences, seed=args.seed + 1, **data_kwargs)
+    train, test = load_data(args)
     train_batch = _batch(train)
     rows, notes = [], []
     for name in args.models:
@@ -564,7 +568,6 @@ def run(args) -> dict:
             callback=_time_limit(start, args.max_train_minutes),
         )  # fmt: skip
         seconds = time.perf_counter() - start
-        save_params(out / f"{name}_params.npz", objective.constrain(state.params))
         if len(history) < args.steps:
             print(f"{name}: stopped at the time limit after {len(history)} of {args.steps} updates")
         tail = history[-max(1, len(history) // 10) :]
@@ -647,13 +650,19 @@ def from_args(args: argparse.Namespace) -> dict:
     return run(args)
 
 
+def parser() -> argparse.ArgumentParser:
+    """The example's options (:func:`add_arguments`)."""
+    made = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(made)
+    return made
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--rescore", metavar="DIR", default=None,
+    parser_ = parser()
+    parser_.add_argument("--rescore", metavar="DIR", default=None,
                         help="recompute a finished run's R^2 rows from its saved parameters "
                              "(rescored.json in DIR) instead of training")  # fmt: skip
-    args = parser.parse_args(argv)
+    args = parser_.parse_args(argv)
     if args.rescore is not None:
         return {"rows": rescore(args.rescore)}
     return from_args(args)
